@@ -1,0 +1,368 @@
+"""Scaled dot-product attention: self, cross, multi-head, grouped-query.
+
+Shape letters: B batch (in the public API any number of leading dims, none included),
+T query length, S key/value length, N query heads, K key/value heads, G = N // K query
+heads per key/value head, H head dim.
+
+  query  [..., T, N, H]      key, value  [..., S, K, H]
+  logits, weights, mask, bias  [..., N, T, S]     log-sum-exp  [..., N, T]
+
+A bool mask is True where the query may attend. Query head n reads key/value head n // G.
+Logits and softmax are float32 whatever the input dtype; the output has the input dtype.
+A query row with no visible key returns zeros, and its gradients are zeros.
+
+References:
+  Vaswani et al. 2017, "Attention Is All You Need".
+  Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer Models".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+from jax.typing import ArrayLike
+
+from attnjax import masks as masks_lib
+
+IMPLEMENTATIONS = ("xla", "blockwise")
+
+# A large finite negative for masked logits: exp() of it is 0, and unlike -inf it never makes
+# NaN when a whole row is masked.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+class _Canonical(NamedTuple):
+  """Validated inputs with the leading batch dims flattened into one dim B >= 1."""
+  q: Array  # [B, T, N, H]
+  k: Array  # [B, S, K, H]
+  v: Array  # [B, S, K, H]
+  bias: Array | None  # float32 [B|1, N|1, T|1, S|1]
+  mask: Array | None  # bool [B|1, N|1, T|1, S|1]
+  q_segment_ids: Array | None  # int32 [B, T]
+  kv_segment_ids: Array | None  # int32 [B, S]
+  batch_shape: tuple[int, ...]
+  scale: Any
+  is_causal: bool
+  window: tuple[int, int] | None
+  logits_soft_cap: float | None
+
+
+def dot_product_attention(
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    q_segment_ids: ArrayLike | None = None,
+    kv_segment_ids: ArrayLike | None = None,
+    logits_soft_cap: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    return_weights: bool = False,
+    return_lse: bool = False,
+    implementation: str | None = None,
+) -> Array | tuple[Array, ...]:
+  """Scaled dot-product attention, ``softmax(scale * q k^T + bias) v`` over visible keys.
+
+  The logits are ``scale * q.k``, plus ``bias``, then soft-capped (``c * tanh(x / c)``) if
+  ``logits_soft_cap`` is given; then every mask applies (``mask``, ``is_causal``,
+  ``local_window_size`` and segment ids combine with AND) and the softmax runs over keys.
+
+  Args:
+    query: ``[..., T, N, H]``.
+    key: ``[..., S, K, H]`` with N a multiple of K (K = N: multi-head; K = 1: multi-query).
+    value: ``[..., S, K, H]``.
+    bias: float, broadcastable to ``[..., N, T, S]``, added to the logits.
+    mask: bool, broadcastable to ``[..., N, T, S]``, True = attend.
+    is_causal: key j is visible to query i iff ``j <= i`` (top-left aligned when T != S; for
+      decoding with an offset pass ``masks.causal_mask(T, S, offset=...)`` as ``mask``).
+    scale: logit scale, ``1 / sqrt(H)`` by default.
+    local_window_size: ``w`` or ``(left, right)``: key j is visible to query i iff
+      ``i - left <= j <= i + right`` (an int ``w`` means ``(w, w)``).
+    q_segment_ids: int ``[..., T]``; with ``kv_segment_ids``, keys are visible only to
+      queries of the same segment (packed sequences).
+    kv_segment_ids: int ``[..., S]``.
+    logits_soft_cap: if given, logits become ``cap * tanh(logits / cap)`` (Gemma 2).
+    dropout_rate: probability of dropping an attention weight; kept weights are scaled by
+      ``1 / (1 - dropout_rate)``.
+    dropout_rng: a ``jax.random.key``, required when ``dropout_rate > 0``.
+    return_weights: also return the attention weights (before dropout).
+    return_lse: also return the log-sum-exp of the visible logits, ``-inf`` for a row with
+      no visible key (see :func:`merge_attention`).
+    implementation: ``"xla"`` is the dense reference; ``"blockwise"`` is tiled with an online
+      softmax and a recomputing backward pass (memory linear in length); ``None`` picks the
+      fastest implementation that supports the arguments.
+
+  Returns:
+    ``out [..., T, N, H]`` in the input dtype; with ``return_weights`` and/or ``return_lse``
+    the tuple ``(out, weights [..., N, T, S], lse [..., N, T])`` holding those asked for
+    (weights and lse are float32).
+
+  Raises:
+    ValueError, TypeError: at trace time, for inputs of the wrong rank, shape or dtype, naming
+      the argument and what it got.
+  """
+  c = _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_size,
+                    q_segment_ids, kv_segment_ids, logits_soft_cap)
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+  if dropout_rate > 0.0 and dropout_rng is None:
+    raise ValueError("dropout_rate > 0 needs a dropout_rng (a jax.random.key), got None")
+  if implementation is None:
+    implementation = _choose_implementation(c, dropout_rate, return_weights)
+  elif implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, "
+                     f"got {implementation!r}")
+
+  if implementation == "xla":
+    out, weights, lse = _dense(c, dropout_rate, dropout_rng)
+  else:
+    if return_weights:
+      raise ValueError("return_weights=True needs implementation='xla' (the blockwise path "
+                       "never forms the [N, T, S] weights); use attention_weights() instead")
+    if dropout_rate > 0.0:
+      raise ValueError(f"dropout_rate={dropout_rate} is not supported by "
+                       f"implementation={implementation!r}; use implementation='xla'")
+    from attnjax import blockwise  # noqa: PLC0415
+    out, lse = blockwise.blockwise_attention(
+        c.q, c.k, c.v, c.bias, c.mask, scale=c.scale, is_causal=c.is_causal, window=c.window,
+        q_segment_ids=c.q_segment_ids, kv_segment_ids=c.kv_segment_ids,
+        logits_soft_cap=c.logits_soft_cap)
+    weights = None
+
+  batch = c.batch_shape
+  out = out.reshape(batch + out.shape[1:])
+  extras = []
+  if return_weights:
+    extras.append(weights.reshape(batch + weights.shape[1:]))
+  if return_lse:
+    extras.append(lse.reshape(batch + lse.shape[1:]))
+  return (out, *extras) if extras else out
+
+
+def attention_weights(
+    query: ArrayLike,
+    key: ArrayLike,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    q_segment_ids: ArrayLike | None = None,
+    kv_segment_ids: ArrayLike | None = None,
+    logits_soft_cap: float | None = None,
+) -> Array:
+  """Attention probabilities, the "saliency map" of each query over the keys.
+
+  Takes the masking arguments of :func:`dot_product_attention` and computes the same weights.
+
+  Args:
+    query: ``[..., T, N, H]``.
+    key: ``[..., S, K, H]``.
+
+  Returns:
+    float32 ``[..., N, T, S]``; each row sums to 1 over its visible keys, or is all zeros
+    when no key is visible.
+  """
+  key = jnp.asarray(key)
+  c = _canonicalize(query, key, key, bias, mask, is_causal, scale, local_window_size,
+                    q_segment_ids, kv_segment_ids, logits_soft_cap)
+  probs, _, _ = _probabilities(c)
+  return probs.reshape(c.batch_shape + probs.shape[1:])
+
+
+def merge_attention(outputs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> tuple[Array, Array]:
+  """Merges attention results over disjoint sets of keys into attention over their union.
+
+  Each part i is ``out_i = softmax(logits_i) v_i`` with log-sum-exp ``lse_i`` (from
+  ``dot_product_attention(..., return_lse=True)``); the union is the lse-weighted average
+  ``sum_i exp(lse_i - lse) out_i`` with ``lse = logsumexp_i lse_i``. This is the reduction of
+  split-KV decoding and of sequence-parallel (ring) attention.
+
+  Args:
+    outputs: sequence of ``[..., T, N, H]``.
+    lses: sequence of float ``[..., N, T]``, ``-inf`` where a part has no visible key.
+
+  Returns:
+    ``(out [..., T, N, H], lse [..., N, T])``; rows with no visible key in any part are zeros
+    with lse ``-inf``.
+
+  References:
+    Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"; Dao 2023,
+    "FlashAttention-2" (Flash-Decoding).
+  """
+  if len(outputs) != len(lses) or not outputs:
+    raise ValueError(f"merge_attention needs as many outputs as lses (at least one), "
+                     f"got {len(outputs)} and {len(lses)}")
+  outputs = [jnp.asarray(o) for o in outputs]
+  lses = [jnp.asarray(x, jnp.float32) for x in lses]
+  for i, (o, x) in enumerate(zip(outputs, lses)):
+    if o.shape != outputs[0].shape:
+      raise ValueError(f"outputs[{i}] has shape {o.shape}, outputs[0] has {outputs[0].shape}")
+    if o.ndim < 3 or x.shape != o.shape[:-3] + (o.shape[-2], o.shape[-3]):
+      raise ValueError(f"lses[{i}] must have shape [..., N, T] = "
+                       f"{o.shape[:-3] + (o.shape[-2], o.shape[-3])} for outputs[{i}] of shape "
+                       f"{o.shape}, got {x.shape}")
+  lse_P = jnp.stack(lses)  # [P, ..., N, T]
+  max_lse = jnp.max(lse_P, axis=0)
+  max_lse = jnp.where(jnp.isfinite(max_lse), max_lse, 0.0)
+  w_P = jnp.exp(lse_P - max_lse)  # exp(-inf) = 0 for empty parts
+  total = jnp.sum(w_P, axis=0)
+  nonempty = total > 0
+  lse = jnp.where(nonempty, max_lse + jnp.log(jnp.where(nonempty, total, 1.0)), -jnp.inf)
+  w_P = w_P / jnp.where(nonempty, total, 1.0)
+  w_P = jnp.swapaxes(w_P, -1, -2)[..., None]  # [P, ..., T, N, 1]
+  out = jnp.sum(w_P * jnp.stack(outputs).astype(jnp.float32), axis=0)
+  return out.astype(outputs[0].dtype), lse
+
+
+def _choose_implementation(c: _Canonical, dropout_rate: float, return_weights: bool) -> str:
+  """The fastest implementation that supports these arguments on this backend."""
+  del c, dropout_rate, return_weights
+  return "xla"
+
+
+def _dense(c: _Canonical, dropout_rate: float, dropout_rng: Array | None):
+  """Dense attention on canonical inputs: (out [B,T,N,H], weights [B,N,T,S], lse [B,N,T])."""
+  probs, lse, _ = _probabilities(c)
+  B, T, N, H = c.q.shape
+  K = c.k.shape[2]
+  p = probs
+  if dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
+    p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
+  p_BKGTS = p.reshape(B, K, N // K, T, -1)
+  out = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, c.v.astype(jnp.float32))
+  return out.reshape(B, T, N, H).astype(c.q.dtype), probs, lse
+
+
+def _probabilities(c: _Canonical):
+  """Softmax weights [B,N,T,S], log-sum-exp [B,N,T] and visibility of canonical inputs."""
+  B, T, N, H = c.q.shape
+  S, K = c.k.shape[1], c.k.shape[2]
+  q_BTKGH = c.q.reshape(B, T, K, N // K, H)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, c.k, preferred_element_type=jnp.float32)
+  logits = logits.reshape(B, N, T, S) * c.scale
+  if c.bias is not None:
+    logits = logits + c.bias
+  if c.logits_soft_cap is not None:
+    logits = c.logits_soft_cap * jnp.tanh(logits / c.logits_soft_cap)
+  visible = _visibility(c)
+  if visible is None:
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return jax.nn.softmax(logits, axis=-1), lse, None
+  logits = jnp.where(visible, logits, MASK_VALUE)
+  any_visible = jnp.any(jnp.broadcast_to(visible, logits.shape), axis=-1)
+  probs = jnp.where(any_visible[..., None], jax.nn.softmax(logits, axis=-1), 0.0)
+  lse = jnp.where(any_visible, jax.nn.logsumexp(logits, axis=-1), -jnp.inf)
+  return probs, lse, visible
+
+
+def _visibility(c: _Canonical) -> Array | None:
+  """The AND of every mask in ``c``, bool broadcastable to [B, N, T, S], or None."""
+  T, S = c.q.shape[1], c.k.shape[1]
+  causal = masks_lib.causal_mask(T, S) if c.is_causal else None
+  window = masks_lib.sliding_window_mask(T, S, c.window) if c.window is not None else None
+  segments = None
+  if c.q_segment_ids is not None:
+    segments = masks_lib.segment_mask(c.q_segment_ids, c.kv_segment_ids)
+  return masks_lib.combine_masks(c.mask, causal, window, segments)
+
+
+def _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_size,
+                  q_segment_ids, kv_segment_ids, logits_soft_cap) -> _Canonical:
+  """Validates the arguments at trace time and flattens the batch dims."""
+  q, k, v = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+  for name, x in (("query", q), ("key", k), ("value", v)):
+    if x.ndim < 3:
+      raise ValueError(f"{name} must have shape [..., length, heads, head_dim] (rank >= 3), "
+                       f"got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must be floating point, got dtype {x.dtype}")
+  if not q.dtype == k.dtype == v.dtype:
+    raise TypeError(f"query, key and value must share a dtype, got {q.dtype}, {k.dtype} and "
+                    f"{v.dtype}")
+  if not q.ndim == k.ndim == v.ndim or q.shape[:-3] != k.shape[:-3]:
+    raise ValueError(f"query, key and value must have the same batch dims, got shapes "
+                     f"query {q.shape}, key {k.shape}, value {v.shape}")
+  if k.shape != v.shape:
+    raise ValueError(f"key and value must have the same shape [..., S, K, H], got key "
+                     f"{k.shape} and value {v.shape}")
+  *batch, T, N, H = q.shape
+  S, K, H_k = k.shape[-3:]
+  if H_k != H:
+    raise ValueError(f"query and key must have the same head dim, got query {q.shape} "
+                     f"(H={H}) and key {k.shape} (H={H_k})")
+  if K == 0 or N % K:
+    raise ValueError(f"the number of query heads must be a multiple of the number of key/value "
+                     f"heads, got query {q.shape} (N={N}) and key {k.shape} (K={K})")
+  batch = tuple(batch)
+  logits_shape = batch + (N, T, S)
+
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    if not jnp.issubdtype(bias.dtype, jnp.floating):
+      raise TypeError(f"bias must be floating point, got dtype {bias.dtype}")
+    bias = _flatten_batch("bias", bias.astype(jnp.float32), logits_shape, len(batch))
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+      raise TypeError(f"mask must be a bool array (True = attend), got dtype {mask.dtype}; "
+                      f"pass additive float masks as bias")
+    mask = _flatten_batch("mask", mask, logits_shape, len(batch))
+
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together, got "
+                     f"q_segment_ids={'None' if q_segment_ids is None else 'array'} and "
+                     f"kv_segment_ids={'None' if kv_segment_ids is None else 'array'}")
+  if q_segment_ids is not None:
+    q_segment_ids = _segment_ids("q_segment_ids", q_segment_ids, batch + (T,))
+    kv_segment_ids = _segment_ids("kv_segment_ids", kv_segment_ids, batch + (S,))
+
+  window = None
+  if local_window_size is not None:
+    window = masks_lib.canonical_window(local_window_size)
+  if scale is None:
+    scale = 1.0 / math.sqrt(H)
+  if logits_soft_cap is not None and not logits_soft_cap > 0:
+    raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap!r}")
+
+  B = math.prod(batch)
+  return _Canonical(
+      q=q.reshape(B, T, N, H), k=k.reshape(B, S, K, H), v=v.reshape(B, S, K, H),
+      bias=bias, mask=mask, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+      batch_shape=batch, scale=scale, is_causal=bool(is_causal), window=window,
+      logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
+
+
+def _flatten_batch(name: str, x: Array, logits_shape: tuple[int, ...], n_batch: int) -> Array:
+  """Checks that ``x`` broadcasts to the logits and returns it as rank 4 [B|1, N|1, T|1, S|1]."""
+  if x.ndim > len(logits_shape) or np.broadcast_shapes(x.shape, logits_shape) != logits_shape:
+    raise ValueError(f"{name} of shape {x.shape} does not broadcast to the logits' shape "
+                     f"[..., N, T, S] = {logits_shape}")
+  x = x.reshape((1,) * (len(logits_shape) - x.ndim) + x.shape)
+  lead, tail = x.shape[:n_batch], x.shape[n_batch:]
+  if all(d == 1 for d in lead):
+    return x.reshape((1,) + tail)
+  x = jnp.broadcast_to(x, logits_shape[:n_batch] + tail)
+  return x.reshape((-1,) + tail)
+
+
+def _segment_ids(name: str, ids: ArrayLike, shape: tuple[int, ...]) -> Array:
+  ids = jnp.asarray(ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise TypeError(f"{name} must be integers, got dtype {ids.dtype}")
+  if ids.shape != shape:
+    raise ValueError(f"{name} must have shape [..., length] = {shape}, got {ids.shape}")
+  return ids.reshape(-1, shape[-1]).astype(jnp.int32)

@@ -1,0 +1,136 @@
+"""Position encodings: sinusoidal (absolute) and rotary (RoPE).
+
+Shapes: positions ``[..., L]``; encodings ``[..., L, D]``; rotary inputs ``[..., L, N, H]``
+(L positions, N heads, H head dim).
+
+References:
+  Vaswani et al. 2017, "Attention Is All You Need", section 3.5.
+  Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding".
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import Array
+from jax.typing import ArrayLike, DTypeLike
+
+SINUSOIDAL_LAYOUTS = ("interleaved", "concat")
+ROTARY_LAYOUTS = ("half", "interleaved")
+
+
+def sinusoidal_position_encoding(
+    positions_or_length: int | ArrayLike,
+    dim: int,
+    *,
+    max_timescale: float = 10_000.0,
+    layout: str = "interleaved",
+    dtype: DTypeLike = jnp.float32,
+) -> Array:
+  """Fixed sinusoidal position encodings.
+
+  ``"interleaved"`` is the paper's layout: ``PE[p, 2i] = sin(p / max_timescale^(2i/dim))`` and
+  ``PE[p, 2i+1] = cos(p / max_timescale^(2i/dim))``. ``"concat"`` is the tensor2tensor / Flax
+  examples layout: all ``dim/2`` sines, then all cosines, with timescales spaced
+  geometrically from 1 to ``max_timescale`` over ``dim/2 - 1`` steps, i.e. frequency i is
+  ``max_timescale^(-i / (dim/2 - 1))``.
+
+  Args:
+    positions_or_length: an int L for positions ``0..L-1``, or an int or float array of
+      positions ``[..., L]`` (for packed sequences, decoding offsets, randomized positions).
+    dim: encoding width D, even.
+    max_timescale: longest wavelength, over ``2 pi``.
+    layout: ``"interleaved"`` or ``"concat"``.
+    dtype: output dtype.
+
+  Returns:
+    ``[L, dim]`` for an int, ``[..., L, dim]`` for positions ``[..., L]``.
+
+  Raises:
+    ValueError: for an odd or non-positive ``dim``, an unknown layout, or scalar positions.
+  """
+  if not isinstance(dim, int) or dim <= 0 or dim % 2:
+    raise ValueError(f"dim must be a positive even int, got {dim!r}")
+  if layout not in SINUSOIDAL_LAYOUTS:
+    raise ValueError(f"layout must be one of {SINUSOIDAL_LAYOUTS}, got {layout!r}")
+  positions = _positions("positions_or_length", positions_or_length)
+  half = dim // 2
+  i = jnp.arange(half, dtype=jnp.float32)
+  if layout == "interleaved":
+    inv_timescales = max_timescale ** (-2.0 * i / dim)
+  else:
+    inv_timescales = max_timescale ** (-i / max(half - 1, 1))
+  angles = positions[..., None] * inv_timescales  # [..., L, D/2]
+  if layout == "interleaved":
+    pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*angles.shape[:-1], dim)
+  else:
+    pe = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return pe.astype(dtype)
+
+
+def apply_rotary(
+    x: ArrayLike,
+    positions: ArrayLike,
+    *,
+    max_timescale: float = 10_000.0,
+    layout: str = "half",
+) -> Array:
+  """Rotary position embedding: rotates feature pairs of ``x`` by position-dependent angles.
+
+  Pair i (of H/2) turns by ``positions * max_timescale^(-2i/H)``, ``(a, b) -> (a cos - b sin,
+  a sin + b cos)``. Applied to queries and keys, it makes their dot product depend on the
+  positions only through their difference. ``"half"`` pairs ``x[..., i]`` with
+  ``x[..., i + H/2]`` (GPT-NeoX, Hugging Face, Flax's Gemma); ``"interleaved"`` pairs
+  ``x[..., 2i]`` with ``x[..., 2i+1]`` (the original RoFormer code).
+
+  Args:
+    x: ``[..., L, N, H]`` with H even.
+    positions: int or float ``[..., L]``, broadcastable to ``x.shape[:-2]``.
+    max_timescale: base of the frequencies (``theta`` = 10000 in the paper).
+    layout: ``"half"`` or ``"interleaved"``.
+
+  Returns:
+    ``[..., L, N, H]`` in the dtype of ``x`` (computed in float32).
+
+  Raises:
+    ValueError: for an odd head dim, an unknown layout, or positions that do not match ``x``.
+  """
+  x = jnp.asarray(x)
+  if x.ndim < 3:
+    raise ValueError(f"x must have shape [..., length, heads, head_dim], got {x.shape}")
+  H = x.shape[-1]
+  if H % 2:
+    raise ValueError(f"apply_rotary needs an even head dim, got x of shape {x.shape}")
+  if layout not in ROTARY_LAYOUTS:
+    raise ValueError(f"layout must be one of {ROTARY_LAYOUTS}, got {layout!r}")
+  positions = _positions("positions", positions)
+  if positions.ndim > x.ndim - 2 or positions.shape[-1] != x.shape[-3] or any(
+      p not in (1, d) for p, d in zip(positions.shape[::-1], x.shape[-3::-1])):
+    raise ValueError(f"positions of shape {positions.shape} must broadcast to x.shape[:-2] = "
+                     f"{x.shape[:-2]} (x of shape {x.shape})")
+  inv_timescales = max_timescale ** (-2.0 * jnp.arange(H // 2, dtype=jnp.float32) / H)
+  angles = positions[..., None, None] * inv_timescales  # [..., L, 1, H/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  xf = x.astype(jnp.float32)
+  if layout == "half":
+    a, b = xf[..., : H // 2], xf[..., H // 2 :]
+    out = jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+  else:
+    a, b = xf[..., 0::2], xf[..., 1::2]
+    out = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(xf.shape)
+  return out.astype(x.dtype)
+
+
+def _positions(name: str, positions: int | ArrayLike) -> Array:
+  """Positions as a float32 array [..., L]; an int L means 0..L-1."""
+  if isinstance(positions, int):
+    if positions < 0:
+      raise ValueError(f"{name} must be a non-negative length or an array, got {positions}")
+    return jnp.arange(positions, dtype=jnp.float32)
+  positions = jnp.asarray(positions)
+  if positions.ndim < 1:
+    raise ValueError(f"{name} must be an int length or an array [..., L], got shape "
+                     f"{positions.shape}")
+  if not (jnp.issubdtype(positions.dtype, jnp.integer)
+          or jnp.issubdtype(positions.dtype, jnp.floating)):
+    raise TypeError(f"{name} must be int or float, got dtype {positions.dtype}")
+  return positions.astype(jnp.float32)
