@@ -1,0 +1,210 @@
+"""Flax Linen modules over the attnjax core.
+
+The modules only create parameters and variables and call the pure functions of
+:mod:`attnjax.multihead` and :mod:`attnjax.positional`. ``MultiHeadAttention`` holds the
+parameters of ``flax.linen.MultiHeadDotProductAttention`` under the same names and shapes
+(``query``/``key``/``value`` kernels ``[D, N, H]`` and biases ``[N, H]``, ``out`` kernel
+``[N, H, D]`` and bias ``[D]``), so its weights port both ways unchanged.
+
+Shapes: inputs ``[..., T, D]``; attention weights ``[..., N, T, S]``; rotary inputs
+``[..., L, N, H]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax import Array
+from jax.typing import ArrayLike
+
+from attnjax import multihead, positional
+
+Dtype = Any
+
+
+class _Projection(nn.Module):
+  """Holds one projection's ``kernel`` and ``bias`` and returns them as a dict."""
+  kernel_shape: tuple[int, ...]
+  bias_shape: tuple[int, ...]
+  num_input_axes: int
+  use_bias: bool
+  kernel_init: multihead.Initializer
+  bias_init: multihead.Initializer
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self) -> dict[str, Array]:
+    def kernel_init(rng, shape, dtype):
+      return multihead.init_kernel(self.kernel_init, rng, shape, self.num_input_axes, dtype)
+
+    p = {"kernel": self.param("kernel", kernel_init, self.kernel_shape, self.param_dtype)}
+    if self.use_bias:
+      p["bias"] = self.param("bias", self.bias_init, self.bias_shape, self.param_dtype)
+    return p
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head, grouped-query or multi-query attention; self- or cross-attention.
+
+  With ``decode=True`` the module keeps a key/value cache in the ``"cache"`` collection
+  (``cached_key``, ``cached_value`` ``[..., M, K, H]`` and ``cache_index``): ``init`` with a
+  full-length input sizes the cache to M positions; then each call with a chunk of T tokens
+  writes its keys and values at ``cache_index``, attends causally to the cache and advances
+  the index (apply with ``mutable=["cache"]``).
+
+  Attributes:
+    num_heads: query heads N.
+    num_kv_heads: key/value heads K, a divisor of N; defaults to N.
+    head_dim: H; defaults to the input width over ``num_heads``.
+    out_features: output width; defaults to the query input width.
+    use_bias: whether the projections have biases.
+    dropout_rate: dropout on the attention weights (needs the ``"dropout"`` rng).
+    deterministic: disables dropout; may also be given at call time.
+    dtype: computation dtype; defaults to the promotion of inputs and parameters.
+    param_dtype: parameter dtype.
+    kernel_init, bias_init: initialisers, as Flax's ``DenseGeneral``.
+    logits_soft_cap: soft cap of the logits, ``cap * tanh(logits / cap)``.
+    rotary: apply rotary position embeddings to queries and keys.
+    rotary_max_timescale: RoPE base.
+    decode: autoregressive decoding with a key/value cache (self-attention only).
+    implementation: passed to :func:`attnjax.dot_product_attention`.
+  """
+  num_heads: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  out_features: int | None = None
+  use_bias: bool = True
+  dropout_rate: float = 0.0
+  deterministic: bool | None = None
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: multihead.Initializer = multihead.default_kernel_init
+  bias_init: multihead.Initializer = multihead.default_bias_init
+  logits_soft_cap: float | None = None
+  rotary: bool = False
+  rotary_max_timescale: float = 10_000.0
+  decode: bool = False
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(
+      self,
+      inputs_q: ArrayLike,
+      inputs_kv: ArrayLike | None = None,
+      *,
+      mask: ArrayLike | None = None,
+      bias: ArrayLike | None = None,
+      is_causal: bool = False,
+      q_segment_ids: ArrayLike | None = None,
+      kv_segment_ids: ArrayLike | None = None,
+      local_window_size: int | tuple[int, int] | None = None,
+      query_positions: ArrayLike | None = None,
+      key_positions: ArrayLike | None = None,
+      deterministic: bool | None = None,
+      sow_weights: bool = False,
+  ) -> Array:
+    """Attends from ``inputs_q [..., T, D]`` to ``inputs_kv [..., S, Dkv]`` (default: itself).
+
+    The masking and position arguments are those of :func:`attnjax.multi_head_attention`.
+    With ``sow_weights=True`` the attention weights ``[..., N, T, S]`` are sown into the
+    ``"intermediates"`` collection as ``"attention_weights"``.
+
+    Returns:
+      ``[..., T, out_features]``.
+    """
+    inputs_q = jnp.asarray(inputs_q)
+    x_kv = inputs_q if inputs_kv is None else jnp.asarray(inputs_kv)
+    N = self.num_heads
+    K = N if self.num_kv_heads is None else self.num_kv_heads
+    H = _head_dim(self.head_dim, inputs_q.shape[-1], N)
+    shapes = multihead.projection_shapes(
+        inputs_q.shape[-1], x_kv.shape[-1], self.out_features or inputs_q.shape[-1], N, K, H)
+    params = {
+        name: _Projection(kernel_shape, bias_shape, n_in, self.use_bias, self.kernel_init,
+                          self.bias_init, self.param_dtype, name=name)()
+        for name, (kernel_shape, bias_shape, n_in) in shapes.items()
+    }
+    dropout_rng = None
+    if self.dropout_rate > 0.0:
+      if not nn.merge_param("deterministic", self.deterministic, deterministic):
+        dropout_rng = self.make_rng("dropout")
+
+    cache = None
+    if self.decode:
+      if inputs_kv is not None:
+        raise ValueError("decode=True is for self-attention: call with inputs_kv=None")
+      initialized = self.has_variable("cache", "cached_key")
+      dtype = self.dtype or jnp.result_type(inputs_q, self.param_dtype)
+      fresh = multihead.init_kv_cache(inputs_q.shape[:-2], inputs_q.shape[-2], K, H, dtype)
+      cached_key = self.variable("cache", "cached_key", lambda: fresh["key"])
+      cached_value = self.variable("cache", "cached_value", lambda: fresh["value"])
+      cache_index = self.variable("cache", "cache_index", lambda: fresh["index"])
+      if initialized:
+        cache = {"key": cached_key.value, "value": cached_value.value,
+                 "index": cache_index.value}
+
+    result = multihead.multi_head_attention(
+        params, inputs_q, inputs_kv, mask=mask, bias=bias, is_causal=is_causal,
+        local_window_size=local_window_size, q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids, logits_soft_cap=self.logits_soft_cap,
+        rotary=self.rotary, rotary_max_timescale=self.rotary_max_timescale,
+        query_positions=query_positions, key_positions=key_positions, cache=cache,
+        dropout_rate=self.dropout_rate if dropout_rng is not None else 0.0,
+        dropout_rng=dropout_rng, return_weights=sow_weights, dtype=self.dtype,
+        implementation=self.implementation)
+    if cache is not None:
+      result, cache = result
+      cached_key.value, cached_value.value = cache["key"], cache["value"]
+      cache_index.value = cache["index"]
+    if sow_weights:
+      result, weights = result
+      self.sow("intermediates", "attention_weights", weights)
+    return result
+
+
+class SinusoidalPositionEmbedding(nn.Module):
+  """Adds fixed sinusoidal position encodings to ``inputs [..., L, D]``.
+
+  Attributes:
+    max_timescale: longest wavelength over 2 pi.
+    layout: ``"interleaved"`` (the paper) or ``"concat"`` (tensor2tensor, Flax examples).
+  """
+  max_timescale: float = 10_000.0
+  layout: str = "interleaved"
+
+  def __call__(self, inputs: ArrayLike, positions: ArrayLike | None = None) -> Array:
+    """Returns ``inputs + PE(positions)``; positions ``[..., L]`` default to ``0..L-1``."""
+    inputs = jnp.asarray(inputs)
+    positions = inputs.shape[-2] if positions is None else positions
+    pe = positional.sinusoidal_position_encoding(
+        positions, inputs.shape[-1], max_timescale=self.max_timescale, layout=self.layout)
+    return inputs + pe.astype(inputs.dtype)
+
+
+class RotaryPositionEmbedding(nn.Module):
+  """Rotary position embedding of ``x [..., L, N, H]`` (see :func:`attnjax.apply_rotary`).
+
+  Attributes:
+    max_timescale: RoPE base.
+    layout: ``"half"`` or ``"interleaved"``.
+  """
+  max_timescale: float = 10_000.0
+  layout: str = "half"
+
+  def __call__(self, x: ArrayLike, positions: ArrayLike | None = None) -> Array:
+    """Rotates ``x``; positions ``[..., L]`` default to ``0..L-1``."""
+    x = jnp.asarray(x)
+    positions = jnp.arange(x.shape[-3]) if positions is None else positions
+    return positional.apply_rotary(x, positions, max_timescale=self.max_timescale,
+                                   layout=self.layout)
+
+
+def _head_dim(head_dim: int | None, in_features: int, num_heads: int) -> int:
+  if head_dim is not None:
+    return head_dim
+  if in_features % num_heads:
+    raise ValueError(f"head_dim defaults to in_features // num_heads, but in_features="
+                     f"{in_features} is not a multiple of num_heads={num_heads}; set head_dim")
+  return in_features // num_heads
