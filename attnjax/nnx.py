@@ -1,0 +1,211 @@
+"""Flax NNX modules over the attnjax core.
+
+The same modules as :mod:`attnjax.linen`, holding the same parameters under the same names
+(``query``, ``key``, ``value``, ``out``, each with ``kernel`` and ``bias``) and giving the
+same outputs. The attention weights are recorded with ``sow_weights=True`` as an
+``nnx.Intermediate`` named ``attention_weights``; decoding keeps ``nnx.Cache`` variables.
+
+Shapes: inputs ``[..., T, D]``; attention weights ``[..., N, T, S]``; rotary inputs
+``[..., L, N, H]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+from jax import Array
+from jax.typing import ArrayLike
+
+from attnjax import linen, multihead, positional
+
+Dtype = Any
+
+
+class _Projection(nnx.Module):
+  """One projection's ``kernel`` and ``bias``."""
+
+  def __init__(self, kernel_shape, bias_shape, num_input_axes, use_bias, kernel_init,
+               bias_init, param_dtype, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(multihead.init_kernel(
+        kernel_init, rngs.params(), kernel_shape, num_input_axes, param_dtype))
+    self.bias = nnx.data(
+        nnx.Param(bias_init(rngs.params(), bias_shape, param_dtype)) if use_bias else None)
+
+  def as_dict(self) -> dict[str, Array]:
+    p = {"kernel": self.kernel[...]}
+    if self.bias is not None:
+      p["bias"] = self.bias[...]
+    return p
+
+
+class MultiHeadAttention(nnx.Module):
+  """Multi-head, grouped-query or multi-query attention; self- or cross-attention.
+
+  Args:
+    in_features: width D of the query inputs.
+    num_heads: query heads N.
+    num_kv_heads: key/value heads K, a divisor of N; defaults to N.
+    head_dim: H; defaults to ``in_features // num_heads``.
+    kv_features: width of the key/value inputs; defaults to ``in_features``.
+    out_features: output width; defaults to ``in_features``.
+    use_bias, dropout_rate, deterministic, dtype, param_dtype, kernel_init, bias_init,
+    logits_soft_cap, rotary, rotary_max_timescale, decode, implementation: as in
+      :class:`attnjax.linen.MultiHeadAttention`.
+    rngs: ``nnx.Rngs`` for the parameters and, with dropout, the ``"dropout"`` stream.
+
+  For decoding, set ``decode=True`` and call :meth:`init_cache` first.
+  """
+
+  def __init__(
+      self,
+      in_features: int,
+      num_heads: int,
+      *,
+      num_kv_heads: int | None = None,
+      head_dim: int | None = None,
+      kv_features: int | None = None,
+      out_features: int | None = None,
+      use_bias: bool = True,
+      dropout_rate: float = 0.0,
+      deterministic: bool | None = None,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      kernel_init: multihead.Initializer = multihead.default_kernel_init,
+      bias_init: multihead.Initializer = multihead.default_bias_init,
+      logits_soft_cap: float | None = None,
+      rotary: bool = False,
+      rotary_max_timescale: float = 10_000.0,
+      decode: bool = False,
+      implementation: str | None = None,
+      rngs: nnx.Rngs,
+  ):
+    self.num_heads = num_heads
+    self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    self.head_dim = linen._head_dim(head_dim, in_features, num_heads)
+    self.dropout_rate = dropout_rate
+    self.deterministic = deterministic
+    self.dtype = dtype
+    self.logits_soft_cap = logits_soft_cap
+    self.rotary = rotary
+    self.rotary_max_timescale = rotary_max_timescale
+    self.decode = decode
+    self.implementation = implementation
+    shapes = multihead.projection_shapes(
+        in_features, kv_features or in_features, out_features or in_features, num_heads,
+        self.num_kv_heads, self.head_dim)
+    for name, (kernel_shape, bias_shape, n_in) in shapes.items():
+      setattr(self, name, _Projection(kernel_shape, bias_shape, n_in, use_bias, kernel_init,
+                                      bias_init, param_dtype, rngs))
+    self.rngs = rngs["dropout"].fork() if dropout_rate > 0.0 else nnx.data(None)
+    self.cached_key: nnx.Cache | None = nnx.data(None)
+    self.cached_value: nnx.Cache | None = nnx.data(None)
+    self.cache_index: nnx.Cache | None = nnx.data(None)
+
+  def init_cache(self, input_shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> None:
+    """Allocates an empty cache for inputs of ``input_shape = [..., M, D]`` (M positions)."""
+    cache = multihead.init_kv_cache(tuple(input_shape[:-2]), input_shape[-2],
+                                    self.num_kv_heads, self.head_dim, dtype)
+    self.cached_key = nnx.Cache(cache["key"])
+    self.cached_value = nnx.Cache(cache["value"])
+    self.cache_index = nnx.Cache(cache["index"])
+
+  def set_view(self, deterministic: bool | None = None, decode: bool | None = None) -> None:
+    """Used by ``nnx.view``, ``Module.train()`` and ``Module.eval()``."""
+    if deterministic is not None:
+      self.deterministic = deterministic
+    if decode is not None:
+      self.decode = decode
+
+  def params_dict(self) -> multihead.Params:
+    """The parameters as the pytree of :func:`attnjax.multi_head_attention`."""
+    return {name: getattr(self, name).as_dict() for name in ("query", "key", "value", "out")}
+
+  def __call__(
+      self,
+      inputs_q: ArrayLike,
+      inputs_kv: ArrayLike | None = None,
+      *,
+      mask: ArrayLike | None = None,
+      bias: ArrayLike | None = None,
+      is_causal: bool = False,
+      q_segment_ids: ArrayLike | None = None,
+      kv_segment_ids: ArrayLike | None = None,
+      local_window_size: int | tuple[int, int] | None = None,
+      query_positions: ArrayLike | None = None,
+      key_positions: ArrayLike | None = None,
+      deterministic: bool | None = None,
+      rngs: nnx.Rngs | None = None,
+      sow_weights: bool = False,
+  ) -> Array:
+    """Attends from ``inputs_q [..., T, D]`` to ``inputs_kv [..., S, Dkv]`` (default: itself).
+
+    Returns:
+      ``[..., T, out_features]``.
+    """
+    dropout_rng = None
+    if self.dropout_rate > 0.0:
+      deterministic = self.deterministic if deterministic is None else deterministic
+      if deterministic is None:
+        raise ValueError("dropout_rate > 0: pass deterministic=True/False at construction, "
+                         "at call time, or through module.train() / module.eval()")
+      if not deterministic:
+        dropout_rng = rngs["dropout"]() if rngs is not None else self.rngs()
+
+    cache = None
+    if self.decode:
+      if self.cached_key is None:
+        raise ValueError("decode=True needs a cache: call init_cache(input_shape) first")
+      cache = {"key": self.cached_key[...], "value": self.cached_value[...],
+               "index": self.cache_index[...]}
+
+    result = multihead.multi_head_attention(
+        self.params_dict(), inputs_q, inputs_kv, mask=mask, bias=bias, is_causal=is_causal,
+        local_window_size=local_window_size, q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids, logits_soft_cap=self.logits_soft_cap,
+        rotary=self.rotary, rotary_max_timescale=self.rotary_max_timescale,
+        query_positions=query_positions, key_positions=key_positions, cache=cache,
+        dropout_rate=self.dropout_rate if dropout_rng is not None else 0.0,
+        dropout_rng=dropout_rng, return_weights=sow_weights, dtype=self.dtype,
+        implementation=self.implementation)
+    if cache is not None:
+      result, cache = result
+      self.cached_key[...] = cache["key"]
+      self.cached_value[...] = cache["value"]
+      self.cache_index[...] = cache["index"]
+    if sow_weights:
+      result, weights = result
+      self.sow(nnx.Intermediate, "attention_weights", weights)
+    return result
+
+
+class SinusoidalPositionEmbedding(nnx.Module):
+  """Adds fixed sinusoidal position encodings to ``inputs [..., L, D]``."""
+
+  def __init__(self, *, max_timescale: float = 10_000.0, layout: str = "interleaved"):
+    self.max_timescale = max_timescale
+    self.layout = layout
+
+  def __call__(self, inputs: ArrayLike, positions: ArrayLike | None = None) -> Array:
+    """Returns ``inputs + PE(positions)``; positions ``[..., L]`` default to ``0..L-1``."""
+    inputs = jnp.asarray(inputs)
+    positions = inputs.shape[-2] if positions is None else positions
+    pe = positional.sinusoidal_position_encoding(
+        positions, inputs.shape[-1], max_timescale=self.max_timescale, layout=self.layout)
+    return inputs + pe.astype(inputs.dtype)
+
+
+class RotaryPositionEmbedding(nnx.Module):
+  """Rotary position embedding of ``x [..., L, N, H]`` (see :func:`attnjax.apply_rotary`)."""
+
+  def __init__(self, *, max_timescale: float = 10_000.0, layout: str = "half"):
+    self.max_timescale = max_timescale
+    self.layout = layout
+
+  def __call__(self, x: ArrayLike, positions: ArrayLike | None = None) -> Array:
+    """Rotates ``x``; positions ``[..., L]`` default to ``0..L-1``."""
+    x = jnp.asarray(x)
+    positions = jnp.arange(x.shape[-3]) if positions is None else positions
+    return positional.apply_rotary(x, positions, max_timescale=self.max_timescale,
+                                   layout=self.layout)
