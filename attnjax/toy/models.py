@@ -1,0 +1,304 @@
+"""Transformers for the toy tasks, built from :class:`attnjax.linen.MultiHeadAttention`.
+
+Shapes: tokens ``[B, L]`` int32 (B batch, L length; S encoder length, T decoder length),
+activations ``[B, L, D]``, logits ``[B, T, V]`` (V vocabulary). Attention masks are bool,
+True = attend, broadcastable to ``[B, N, T, S]``.
+
+Two architectures share one layer stack:
+
+* :class:`EncoderDecoder`: Vaswani et al. 2017, an encoder (self-attention) and a decoder
+  (causal self-attention, then cross-attention to the encoder's outputs).
+* :class:`DecoderOnly`: one causal stack over ``BOS x SEP y EOS``.
+
+With ``decode=True`` the decoder keeps a key/value cache (collection ``'cache'``) and its
+own position counter, so it can be stepped one token at a time (see
+:mod:`attnjax.toy.decoding`). With ``sow_weights=True`` every attention layer sows its
+probabilities ``[B, N, T, S]`` into ``'intermediates'``.
+
+References:
+  Vaswani et al. 2017, "Attention Is All You Need".
+  Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture" (pre-LN).
+  Su et al. 2021, "RoFormer" (rotary position embedding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from attnjax import linen as attn_linen
+from attnjax import positional
+from attnjax.toy.tasks import PAD
+
+POSITIONS = ("sinusoidal", "rotary", "none")
+NORMS = ("pre", "post")
+KERNEL_INITS = {
+    "lecun_normal": nn.initializers.lecun_normal(),
+    "xavier_uniform": nn.initializers.xavier_uniform(),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyperparameters of both architectures.
+
+  Attributes:
+    vocab_size: V.
+    num_layers: layers per stack (the encoder and the decoder have this many each).
+    d_model: D, the residual width.
+    num_heads: N.
+    num_kv_heads: K key/value heads (grouped-query attention); 0 means N.
+    mlp_dim: hidden width of the position-wise MLP.
+    dropout_rate: dropout on the embeddings and on each sublayer's output.
+    attention_dropout_rate: dropout on the attention probabilities.
+    norm: ``"pre"`` (LayerNorm inside the residual branch, plus a final one per stack) or
+      ``"post"`` (LayerNorm after each residual sum, as in Vaswani et al.).
+    position: ``"sinusoidal"`` (added to the embeddings), ``"rotary"`` (applied to q and k)
+      or ``"none"``.
+    tie_embeddings: use the decoder's input embedding as its output projection.
+    kernel_init: ``"lecun_normal"`` or ``"xavier_uniform"`` for every dense kernel.
+    implementation: attention implementation passed to attnjax (None = fastest correct).
+    decode: build the cached one-token-at-a-time decoder.
+  """
+
+  vocab_size: int
+  num_layers: int = 2
+  d_model: int = 64
+  num_heads: int = 4
+  num_kv_heads: int = 0
+  mlp_dim: int = 256
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  norm: str = "pre"
+  position: str = "sinusoidal"
+  tie_embeddings: bool = True
+  kernel_init: str = "lecun_normal"
+  implementation: str | None = None
+  decode: bool = False
+
+  def __post_init__(self):
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+    if self.position not in POSITIONS:
+      raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+    if self.kernel_init not in KERNEL_INITS:
+      raise ValueError(f"kernel_init must be one of {tuple(KERNEL_INITS)}, got "
+                       f"{self.kernel_init!r}")
+    if self.d_model % self.num_heads:
+      raise ValueError(f"d_model={self.d_model} is not a multiple of num_heads={self.num_heads}")
+    if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+
+
+class Embed(nn.Module):
+  """Token embedding scaled by sqrt(D), plus sinusoidal positions when configured.
+
+  In decode mode the position counter lives in ``'cache'`` under ``'position'``.
+  """
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, *, deterministic: bool) -> Array:
+    cfg = self.config
+    x = self.embedding(tokens) * jnp.sqrt(cfg.d_model).astype(jnp.float32)
+    if cfg.position == "sinusoidal":
+      length = tokens.shape[-1]
+      positions = jnp.arange(length)
+      if cfg.decode:
+        counter = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+        if not self.is_initializing():
+          positions = positions + counter.value
+          counter.value = counter.value + length
+      x = x + positional.sinusoidal_position_encoding(positions, cfg.d_model)
+    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = nn.Embed(
+        cfg.vocab_size, cfg.d_model,
+        embedding_init=nn.initializers.normal(stddev=cfg.d_model**-0.5))
+
+  def attend(self, x: Array) -> Array:
+    """Logits ``[..., V]`` from the transposed embedding."""
+    return self.embedding.attend(x)
+
+
+class Mlp(nn.Module):
+  """Position-wise feed-forward: Dense, ReLU, dropout, Dense."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    cfg = self.config
+    init = KERNEL_INITS[cfg.kernel_init]
+    h = nn.relu(nn.Dense(cfg.mlp_dim, kernel_init=init, name="wi")(x))
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    return nn.Dense(cfg.d_model, kernel_init=init, name="wo")(h)
+
+
+class Block(nn.Module):
+  """One layer: self-attention, optional cross-attention, MLP, each a residual sublayer."""
+
+  config: TransformerConfig
+  causal: bool
+  cross: bool
+
+  @nn.compact
+  def __call__(self, x: Array, *, mask: Array | None, encoded: Array | None = None,
+               cross_mask: Array | None = None, deterministic: bool,
+               sow_weights: bool = False) -> Array:
+    cfg = self.config
+
+    def sublayer(name, fn, x):
+      drop = nn.Dropout(cfg.dropout_rate)
+      if cfg.norm == "pre":
+        return x + drop(fn(nn.LayerNorm(name=f"{name}_norm")(x)), deterministic=deterministic)
+      return nn.LayerNorm(name=f"{name}_norm")(x + drop(fn(x), deterministic=deterministic))
+
+    def attention(name, decode, rotary):
+      return attn_linen.MultiHeadAttention(
+          num_heads=cfg.num_heads,
+          num_kv_heads=cfg.num_kv_heads or None,
+          dropout_rate=cfg.attention_dropout_rate,
+          kernel_init=KERNEL_INITS[cfg.kernel_init],
+          implementation=cfg.implementation,
+          rotary=rotary,
+          decode=decode,
+          name=name,
+      )
+
+    rotary = cfg.position == "rotary"
+    decode = cfg.decode and self.causal
+    self_attn = attention("self_attention", decode, rotary)
+    x = sublayer("self_attention", lambda h: self_attn(
+        h, mask=mask, is_causal=self.causal and not decode, deterministic=deterministic,
+        sow_weights=sow_weights), x)
+    if self.cross:
+      cross_attn = attention("cross_attention", False, False)
+      x = sublayer("cross_attention", lambda h: cross_attn(
+          h, encoded, mask=cross_mask, deterministic=deterministic,
+          sow_weights=sow_weights), x)
+    return sublayer("mlp", lambda h: Mlp(cfg, name="mlp")(h, deterministic=deterministic), x)
+
+
+class Stack(nn.Module):
+  """``num_layers`` blocks, with a final LayerNorm for pre-LN."""
+
+  config: TransformerConfig
+  causal: bool
+  cross: bool
+
+  @nn.compact
+  def __call__(self, x: Array, **kwargs) -> Array:
+    for i in range(self.config.num_layers):
+      x = Block(self.config, self.causal, self.cross, name=f"layer_{i}")(x, **kwargs)
+    if self.config.norm == "pre":
+      x = nn.LayerNorm(name="final_norm")(x)
+    return x
+
+
+def _key_padding_mask(tokens: Array) -> Array:
+  """bool ``[B, 1, 1, S]``: True where the key is not padding."""
+  return (tokens != PAD)[:, None, None, :]
+
+
+class EncoderDecoder(nn.Module):
+  """Encoder-decoder Transformer (Vaswani et al. 2017).
+
+  Call with ``inputs [B, S]`` and ``decoder_inputs [B, T]`` for logits ``[B, T, V]``; or use
+  :meth:`encode` once and :meth:`decode` per step.
+  """
+
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    self.encoder_embed = Embed(cfg)
+    self.decoder_embed = Embed(cfg)
+    self.encoder = Stack(dataclasses.replace(cfg, decode=False), causal=False, cross=False)
+    self.decoder = Stack(cfg, causal=True, cross=True)
+    if not cfg.tie_embeddings:
+      self.logits_dense = nn.Dense(cfg.vocab_size, kernel_init=KERNEL_INITS[cfg.kernel_init])
+
+  def encode(self, inputs: Array, *, deterministic: bool = True,
+             sow_weights: bool = False) -> Array:
+    """Encoder outputs ``[B, S, D]`` for ``inputs [B, S]``."""
+    x = self.encoder_embed(inputs, deterministic=deterministic)
+    return self.encoder(x, mask=_key_padding_mask(inputs), deterministic=deterministic,
+                        sow_weights=sow_weights)
+
+  def decode(self, encoded: Array, inputs: Array, decoder_inputs: Array, *,
+             deterministic: bool = True, sow_weights: bool = False) -> Array:
+    """Logits ``[B, T, V]`` for ``decoder_inputs [B, T]`` given ``encoded [B, S, D]``.
+
+    ``inputs [B, S]`` (the source tokens) give the cross-attention padding mask.
+    """
+    y = self.decoder_embed(decoder_inputs, deterministic=deterministic)
+    y = self.decoder(y, mask=None, encoded=encoded, cross_mask=_key_padding_mask(inputs),
+                     deterministic=deterministic, sow_weights=sow_weights)
+    if self.config.tie_embeddings:
+      return self.decoder_embed.attend(y)
+    return self.logits_dense(y)
+
+  def __call__(self, inputs: Array, decoder_inputs: Array, *, deterministic: bool = True,
+               sow_weights: bool = False) -> Array:
+    encoded = self.encode(inputs, deterministic=deterministic, sow_weights=sow_weights)
+    return self.decode(encoded, inputs, decoder_inputs, deterministic=deterministic,
+                       sow_weights=sow_weights)
+
+
+class DecoderOnly(nn.Module):
+  """Causal Transformer over one sequence: logits ``[B, L, V]`` for ``decoder_inputs [B, L]``."""
+
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed = Embed(cfg)
+    self.decoder = Stack(cfg, causal=True, cross=False)
+    if not cfg.tie_embeddings:
+      self.logits_dense = nn.Dense(cfg.vocab_size, kernel_init=KERNEL_INITS[cfg.kernel_init])
+
+  def __call__(self, decoder_inputs: Array, *, deterministic: bool = True,
+               sow_weights: bool = False) -> Array:
+    y = self.embed(decoder_inputs, deterministic=deterministic)
+    y = self.decoder(y, mask=None, deterministic=deterministic, sow_weights=sow_weights)
+    if self.config.tie_embeddings:
+      return self.embed.attend(y)
+    return self.logits_dense(y)
+
+
+ARCHITECTURES = {"encoder_decoder": EncoderDecoder, "decoder_only": DecoderOnly}
+
+
+def make_model(arch: str, config: TransformerConfig) -> nn.Module:
+  """The module for ``arch`` (``"encoder_decoder"`` or ``"decoder_only"``)."""
+  if arch not in ARCHITECTURES:
+    raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
+  return ARCHITECTURES[arch](config)
+
+
+def apply_model(model: nn.Module, variables, example: dict[str, Array], **kwargs) -> Array:
+  """Logits for an example from :func:`attnjax.toy.tasks.encoder_decoder_example` or
+  :func:`attnjax.toy.tasks.decoder_only_example`."""
+  if isinstance(model, EncoderDecoder):
+    return model.apply(variables, example["inputs"], example["decoder_inputs"], **kwargs)
+  return model.apply(variables, example["decoder_inputs"], **kwargs)
+
+
+def init_params(model: nn.Module, key: Array, example: dict[str, Array]):
+  """Initial parameters for an example batch (shapes only matter)."""
+  return jax.jit(lambda k: apply_init(model, k, example))(key)
+
+
+def apply_init(model: nn.Module, key: Array, example: dict[str, Array]):
+  if isinstance(model, EncoderDecoder):
+    return model.init(key, example["inputs"], example["decoder_inputs"])["params"]
+  return model.init(key, example["decoder_inputs"])["params"]
