@@ -15,15 +15,15 @@ hypothesis.settings.load_profile("attnjax")
 
 @pytest.fixture(scope="session")
 def eager_and_jit() -> Callable[..., list[Any]]:
-    """Returns `run(fn, arrays, **options)`: the eager and jitted `fn(**arrays, **options)`.
+  """Returns `run(fn, arrays, **options)`: the eager and jitted `fn(**arrays, **options)`.
 
-    `arrays` is a dict of keyword arguments (a pytree, traced under jit); `options` stay static.
-    """
+  `arrays` is a dict of keyword arguments (a pytree, traced under jit); `options` stay static.
+  """
 
-    def run(fn, arrays, **options):
-        def call(arrays):
-            return fn(**arrays, **options)
+  def run(fn, arrays, **options):
+    def call(arrays):
+      return fn(**arrays, **options)
 
-        return [call(arrays), jax.jit(call)(arrays)]
+    return [call(arrays), jax.jit(call)(arrays)]
 
-    return run
+  return run
