@@ -246,3 +246,11 @@ def decoder_only_example(batch: dict[str, Array]) -> dict[str, Array]:
       "weights": in_target.astype(jnp.float32),
       "prompt_lengths": n_B1[:, 0] + 2,
   }
+
+
+def token_names(task: Task, tokens) -> list[str]:
+  """Readable names of a 1-D token sequence (reserved tokens by name, symbols by index)."""
+  if task.name == "annotated_copy":
+    return ["_" if t == PAD else str(int(t)) for t in tokens]
+  special = {PAD: "_", BOS: "<s>", SEP: "|", EOS: "</s>"}
+  return [special.get(int(t), str(int(t) - NUM_RESERVED)) for t in tokens]

@@ -1,0 +1,108 @@
+"""Final evaluation: teacher-forced accuracy and greedy exact match per length bucket.
+
+Buckets: ``train`` (lengths drawn as in training) and ``{m}x`` for each multiplier m of
+``config.eval.length_multipliers`` (every example of length ``m * max_length``: the
+length-generalization table). Each bucket holds ``config.eval.num_sequences`` held-out
+sequences from the evaluation key stream. For buckets whose lengths occur in training, the
+evaluation sequences are also looked up in the whole training stream actually seen
+(``seen_in_training``: short sequences of a small vocabulary cannot all be held out) and the
+exact match over the unseen ones is reported as ``exact_match_unseen``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax.toy import decoding, tasks
+
+if TYPE_CHECKING:
+  from attnjax.toy.train import Experiment
+
+# Largest number of training sequences regenerated for the overlap check.
+MAX_OVERLAP_SEQUENCES = 4_000_000
+
+
+def buckets(task: tasks.Task, multipliers) -> list[tuple[str, tasks.Task]]:
+  """``[(name, task)]``: the training lengths, then each multiple of the longest."""
+  out = [("train", task)]
+  for m in multipliers:
+    n = int(m) * task.max_length
+    out.append((f"{int(m)}x", task.with_lengths(n, n)))
+  return out
+
+
+def exact_match(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+  """bool ``[B]``: every non-PAD target token was generated, in place."""
+  return jnp.all((predictions == targets) | (targets == tasks.PAD), axis=-1)
+
+
+def training_inputs(exp: Experiment, num_steps: int) -> np.ndarray | None:
+  """Every training input of steps ``0..num_steps-1`` (None if there are too many)."""
+  batch = exp.config.train.batch_size
+  if num_steps * batch > MAX_OVERLAP_SEQUENCES:
+    return None
+  sample = jax.jit(jax.vmap(lambda s: exp.task.sample(
+      jax.random.fold_in(exp.train_key, s), batch)["inputs"]))
+  chunks = [np.asarray(sample(jnp.arange(i, min(i + 1000, num_steps))))
+            for i in range(0, num_steps, 1000)]
+  return np.concatenate(chunks).reshape(num_steps * batch, -1)
+
+
+def _rows(x: np.ndarray) -> list[bytes]:
+  x = np.ascontiguousarray(x.astype(np.int32))
+  return [r.tobytes() for r in x]
+
+
+def evaluate(exp: Experiment, params) -> dict[str, Any]:
+  """The results table of a trained model (see the module docstring)."""
+  cfg = exp.config
+  out: dict[str, Any] = {"buckets": {}}
+  seen_rows = None
+  for i, (name, task) in enumerate(buckets(exp.task, cfg.eval.length_multipliers)):
+    batch = exp.eval_batch(task, cfg.eval.num_sequences, stream=1 + i)
+    sums = jax.device_get(exp.eval_step(params, batch))
+    tokens = max(float(sums["tokens"]), 1.0)
+    inputs = np.asarray(batch["inputs"])
+    prefill = int((inputs != tasks.PAD).sum(1).min()) + 1  # shortest prompt BOS x SEP, less 1
+    predictions = decoding.greedy_decode(
+        exp.model, params, batch, target_len=task.target_len, stop_at_eos=task.has_eos,
+        prefill=prefill if cfg.model.arch == "decoder_only" else 0)
+    exact = np.asarray(exact_match(predictions, batch["targets"]))
+    row = {
+        "min_length": task.min_length,
+        "max_length": task.max_length,
+        "num_sequences": int(exact.size),
+        "loss": float(sums["loss"]) / tokens,
+        "token_accuracy": float(sums["correct"]) / tokens,
+        "exact_match": float(exact.mean()),
+    }
+    if task.min_length <= exp.task.max_length:
+      if seen_rows is None:
+        train_inputs = training_inputs(exp, cfg.train.num_steps)
+        seen_rows = set() if train_inputs is None else set(_rows(train_inputs))
+      if seen_rows:
+        seen = np.array([r in seen_rows for r in _rows(inputs)])
+        row["seen_in_training"] = float(seen.mean())
+        row["exact_match_unseen"] = float(exact[~seen].mean()) if (~seen).any() else None
+    out["buckets"][name] = row
+  return out
+
+
+def format_table(results: dict[str, Any]) -> str:
+  """The results as a fixed-width text table."""
+  lines = [f"{'bucket':>8} {'lengths':>9} {'n':>6} {'loss':>8} {'token_acc':>9} "
+           f"{'exact':>7} {'seen':>6} {'exact_unseen':>12}"]
+  for name, r in results["buckets"].items():
+    lengths = f"{r['min_length']}-{r['max_length']}"
+    seen = r.get("seen_in_training")
+    unseen = r.get("exact_match_unseen")
+    lines.append(
+        f"{name:>8} {lengths:>9} {r['num_sequences']:>6} {r['loss']:>8.4f} "
+        f"{r['token_accuracy']:>9.4f} {r['exact_match']:>7.4f} "
+        f"{'' if seen is None else f'{seen:.3f}':>6} "
+        f"{'' if unseen is None else f'{unseen:.4f}':>12}")
+  return "\n".join(lines)

@@ -1,0 +1,30 @@
+r"""Trains and evaluates a Transformer on a toy task (copy, reverse, duplicate, recall).
+
+  python -m experiments.copy_task --config configs/copy.py --workdir runs/copy
+  python -m experiments.copy_task --config configs/copy.py:smoke --workdir /tmp/smoke
+  python -m experiments.copy_task --config configs/reverse.py --workdir runs/reverse \
+      --config.model.num_layers=4
+
+Writes config.json, metrics.jsonl, checkpoints/, results.json and figures to the workdir;
+rerunning resumes from the latest checkpoint (see attnjax.toy.train).
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from attnjax.toy import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
