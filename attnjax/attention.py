@@ -348,7 +348,11 @@ def _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_
 
 def _flatten_batch(name: str, x: Array, logits_shape: tuple[int, ...], n_batch: int) -> Array:
   """Checks that ``x`` broadcasts to the logits and returns it as rank 4 [B|1, N|1, T|1, S|1]."""
-  if x.ndim > len(logits_shape) or np.broadcast_shapes(x.shape, logits_shape) != logits_shape:
+  try:
+    broadcasts = np.broadcast_shapes(x.shape, logits_shape) == logits_shape
+  except ValueError:
+    broadcasts = False
+  if not broadcasts:
     raise ValueError(f"{name} of shape {x.shape} does not broadcast to the logits' shape "
                      f"[..., N, T, S] = {logits_shape}")
   x = x.reshape((1,) * (len(logits_shape) - x.ndim) + x.shape)
