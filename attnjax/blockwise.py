@@ -1,0 +1,464 @@
+"""Blockwise attention: FlashAttention-2 tiling and online softmax in pure JAX.
+
+Shape letters: B batch, T query length, S key/value length, N query heads, K key/value heads,
+G = N // K query heads per key/value head, H head dim; bq, bk query and key block sizes.
+
+  q  [B, T, N, H]     k, v  [B, S, K, H]     bias, mask  [B|1, N|1, T|1, S|1]
+  out  [B, T, N, H]   lse  [B, N, T]
+
+Queries are cut into blocks of bq and keys into blocks of bk. Each query block walks the key
+blocks it can see with a running max and sum (online softmax), so memory is linear in the
+length: nothing of size T x S is formed unless the caller passes a full-size bias or mask.
+Blocks that causality or the local window hide entirely are never visited, so causal
+attention does about half the work of full attention. The backward pass (``jax.custom_vjp``)
+keeps only q, k, v, out and lse and recomputes each block's probabilities from lse.
+
+Small problems run as a Python-unrolled static loop (XLA:CPU's loop overhead is high and
+block ranges are then static); large ones run as ``lax`` loops with the same block body.
+
+Numerics follow ``attnjax.attention``: logits and softmax in float32, masked logits get a
+large finite negative, a query row with no visible key returns zeros and zero gradients, and
+its lse is -inf.
+
+References:
+  Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness".
+  Dao 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning".
+  Rabe & Staats 2021, "Self-attention Does Not Need O(n^2) Memory".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array, lax
+
+# Logit of a hidden key. The running max starts at half of it, so exp(_HIDDEN - max) is exactly
+# 0 even in a row where every key is hidden (its sum stays 0 and its output is set to 0).
+_HIDDEN = float(np.finfo(np.float32).min)
+_MAX_START = _HIDDEN / 2
+
+# Above this many visited (query block, key block) pairs the loops become lax loops.
+_MAX_UNROLLED_PAIRS = 64
+
+
+def default_block_sizes(batch_heads: int, q_len: int, kv_len: int,
+                        backend: str | None = None) -> tuple[int, int]:
+  """Block sizes (block_q, block_k) that ran fastest in ``experiments/benchmark_attention.py``.
+
+  Args:
+    batch_heads: batch size times number of query heads, B * N.
+    q_len: number of queries T.
+    kv_len: number of keys S.
+    backend: ``"cpu"``, ``"gpu"`` or ``"tpu"``; defaults to ``jax.default_backend()``.
+
+  Returns:
+    (block_q, block_k), each a power of two no larger than needed for the lengths.
+  """
+  backend = backend or jax.default_backend()
+  if backend == "cpu":
+    # Keep one block of logits for all batch * heads near 1M floats: it stays in cache and a
+    # block op is big enough to amortise XLA:CPU's per-op cost.
+    side = int(np.sqrt(2 ** 20 / max(batch_heads, 1)))
+    block = 1 << max(7, min(10, side.bit_length() - 1))
+  else:  # Untested: there is no GPU or TPU on the machines this was tuned on.
+    block = 512
+  return (min(block, _next_pow2(q_len)), min(block, _next_pow2(kv_len)))
+
+
+def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: Array | None,
+                        *, scale: float, is_causal: bool, window: tuple[int, int] | None,
+                        q_segment_ids: Array | None, kv_segment_ids: Array | None,
+                        logits_soft_cap: float | None, block_q: int | None = None,
+                        block_k: int | None = None) -> tuple[Array, Array]:
+  """Scaled dot-product attention computed block by block, on canonical inputs.
+
+  Most callers want ``attnjax.dot_product_attention(..., implementation="blockwise")``, which
+  validates and canonicalises its arguments and then calls this function.
+
+  Args:
+    q: query ``[B, T, N, H]``.
+    k: key ``[B, S, K, H]``, same dtype as ``q``; N must be a multiple of K.
+    v: value ``[B, S, K, H]``, same dtype as ``q``.
+    bias: None or float32 ``[B|1, N|1, T|1, S|1]`` added to the scaled logits.
+    mask: None or bool ``[B|1, N|1, T|1, S|1]``, True where the query may attend.
+    scale: Python float multiplying q.k.
+    is_causal: key j is visible to query i iff j <= i (top-left aligned).
+    window: None or (left, right): key j is visible to query i iff i - left <= j <= i + right.
+    q_segment_ids: None or int32 ``[B, T]``; a key is visible iff its segment id is equal.
+    kv_segment_ids: None or int32 ``[B, S]``; given iff ``q_segment_ids`` is.
+    logits_soft_cap: None or c > 0: logits become c * tanh(logits / c) after the bias.
+    block_q: queries per block; default from :func:`default_block_sizes`.
+    block_k: keys per block; default from :func:`default_block_sizes`.
+
+  Returns:
+    ``(out, lse)``: out ``[B, T, N, H]`` in q's dtype, and the float32 log-sum-exp of the
+    visible logits ``[B, N, T]``, -inf for a query with no visible key.
+  """
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  default_q, default_k = default_block_sizes(B * N, T, S)
+  bq, bk = block_q or default_q, block_k or default_k
+  if bq < 1 or bk < 1:
+    raise ValueError(f"block_q and block_k must be positive, got {block_q} and {block_k}")
+  if T == 0 or S == 0:
+    return jnp.zeros(q.shape, q.dtype), jnp.full((B, N, T), -jnp.inf, jnp.float32)
+  plan = _Plan(scale=float(scale), is_causal=bool(is_causal),
+               window=None if window is None else (int(window[0]), int(window[1])),
+               soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+               T=T, S=S, G=N // K, bq=bq, bk=bk)
+  pad_t, pad_s = plan.nq * bq - T, plan.nk * bk - S
+
+  # Heads first, padded to whole blocks: q [B, K, G, Tp, H], k and v [B, K, Sp, H].
+  q5 = jnp.pad(q, ((0, 0), (0, pad_t), (0, 0), (0, 0))).reshape(B, -1, K, plan.G, H)
+  q5 = q5.transpose(0, 2, 3, 1, 4)
+  k4 = jnp.pad(k, ((0, 0), (0, pad_s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  v4 = jnp.pad(v, ((0, 0), (0, pad_s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  extras = _Extras(
+      bias=None if bias is None else _to_5d(bias, K, pad_t, pad_s, 0.0),
+      mask=None if mask is None else _to_5d(mask, K, pad_t, pad_s, False),
+      q_seg=None if q_segment_ids is None else jnp.pad(q_segment_ids, ((0, 0), (0, pad_t))),
+      kv_seg=None if kv_segment_ids is None else jnp.pad(kv_segment_ids, ((0, 0), (0, pad_s))))
+
+  out5, lse4 = _attend(plan, q5, k4, v4, extras)
+  out = out5.transpose(0, 3, 1, 2, 4).reshape(B, -1, N, H)[:, :T]
+  return out, lse4.reshape(B, N, -1)[:, :, :T]
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Extras:
+  """Optional per-logit inputs, padded: bias, mask [B|1, K|1, G|1, Tp|1, Sp|1], ids [B, Tp|Sp]."""
+  bias: Array | None
+  mask: Array | None
+  q_seg: Array | None
+  kv_seg: Array | None
+
+
+def _to_5d(x: Array, K: int, pad_t: int, pad_s: int, fill) -> Array:
+  """[B|1, N|1, T|1, S|1] -> [B|1, K|1, G|1, Tp|1, Sp|1], padding the full-size T and S dims."""
+  b, n, t, s = x.shape
+  x = x.reshape(b, K, n // K, t, s) if n > 1 else x.reshape(b, 1, 1, t, s)
+  pads = ((0, 0),) * 3 + ((0, pad_t if t > 1 else 0), (0, pad_s if s > 1 else 0))
+  return jnp.pad(x, pads, constant_values=fill)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static description of one blockwise attention: options, lengths and block grid."""
+  scale: float
+  is_causal: bool
+  window: tuple[int, int] | None
+  soft_cap: float | None
+  T: int
+  S: int
+  G: int
+  bq: int
+  bk: int
+
+  @property
+  def nq(self) -> int:
+    return -(-self.T // self.bq)
+
+  @property
+  def nk(self) -> int:
+    return -(-self.S // self.bk)
+
+  def kv_blocks(self, i):
+    """Key blocks [lo, hi) that query block i may see (i a Python int or a traced scalar)."""
+    first_q = i * self.bq
+    last_q = _min(first_q + self.bq, self.T) - 1
+    kmin, kmax = 0, self.S - 1
+    if self.is_causal:
+      kmax = _min(kmax, last_q)
+    if self.window is not None:
+      kmin = _max(kmin, first_q - self.window[0])
+      kmax = _min(kmax, last_q + self.window[1])
+    lo = _min(kmin // self.bk, self.nk)
+    return lo, _max(lo, kmax // self.bk + 1)
+
+  def q_blocks(self, j):
+    """Query blocks [lo, hi) that may see key block j (j a Python int or a traced scalar)."""
+    first_k = j * self.bk
+    last_k = _min(first_k + self.bk, self.S) - 1
+    qmin, qmax = 0, self.T - 1
+    if self.is_causal:
+      qmin = _max(qmin, first_k)
+    if self.window is not None:
+      qmin = _max(qmin, first_k - self.window[1])
+      qmax = _min(qmax, last_k + self.window[0])
+    lo = _min(qmin // self.bq, self.nq)
+    return lo, _max(lo, qmax // self.bq + 1)
+
+  def pairs(self) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(self.nq) for j in range(*self.kv_blocks(i))]
+
+  def unrolled(self) -> bool:
+    return len(self.pairs()) <= _MAX_UNROLLED_PAIRS
+
+  def needs_position_mask(self, i, j) -> bool:
+    """Whether block (i, j) holds a key hidden by causality, the window or padding."""
+    if not isinstance(i, int) or not isinstance(j, int):
+      return True
+    first_q, last_q = i * self.bq, min((i + 1) * self.bq, self.T) - 1
+    first_k, last_k = j * self.bk, (j + 1) * self.bk - 1
+    hidden = last_k >= self.S
+    if self.is_causal:
+      hidden |= last_k > first_q
+    if self.window is not None:
+      hidden |= first_k < last_q - self.window[0] or last_k > first_q + self.window[1]
+    return hidden
+
+
+def _min(a, b):
+  return min(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.minimum(a, b)
+
+
+def _max(a, b):
+  return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
+
+
+def _block(x: Array, axis: int, index, size: int) -> Array:
+  """Block ``index`` of ``size`` along ``axis``, or all of ``x`` if that dim broadcasts (is 1)."""
+  if x.shape[axis] == 1:
+    return x
+  if isinstance(index, int):
+    return lax.slice_in_dim(x, index * size, (index + 1) * size, axis=axis)
+  return lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
+
+
+def _slice_blocks(plan: _Plan, ex: _Extras, i, j) -> _Extras:
+  """The rows of block i and columns of block j of the per-logit inputs."""
+  def rows_cols(x):
+    return None if x is None else _block(_block(x, 3, i, plan.bq), 4, j, plan.bk)
+  return _Extras(bias=rows_cols(ex.bias), mask=rows_cols(ex.mask),
+                 q_seg=None if ex.q_seg is None else _block(ex.q_seg, 1, i, plan.bq),
+                 kv_seg=None if ex.kv_seg is None else _block(ex.kv_seg, 1, j, plan.bk))
+
+
+def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j):
+  """Hidden-masked float32 logits of block (i, j) [B, K, G, bq, bk], and tanh if soft-capped."""
+  s = jnp.einsum("bkgqh,bksh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32)
+  s = s * plan.scale
+  if ex_blk.bias is not None:
+    s = s + ex_blk.bias
+  tanh = None
+  if plan.soft_cap is not None:
+    tanh = jnp.tanh(s / plan.soft_cap)
+    s = plan.soft_cap * tanh
+  visible = []
+  if ex_blk.mask is not None:
+    visible.append(ex_blk.mask)
+  if ex_blk.q_seg is not None:
+    visible.append((ex_blk.q_seg[:, :, None] == ex_blk.kv_seg[:, None, :])[:, None, None])
+  if plan.needs_position_mask(i, j):
+    q_pos = i * plan.bq + lax.broadcasted_iota(jnp.int32, (plan.bq, plan.bk), 0)
+    k_pos = j * plan.bk + lax.broadcasted_iota(jnp.int32, (plan.bq, plan.bk), 1)
+    pos = k_pos < plan.S
+    if plan.is_causal:
+      pos &= k_pos <= q_pos
+    if plan.window is not None:
+      pos &= (k_pos >= q_pos - plan.window[0]) & (k_pos <= q_pos + plan.window[1])
+    visible.append(pos)
+  if visible:
+    s = jnp.where(functools.reduce(jnp.logical_and, visible), s, _HIDDEN)
+  return s, tanh
+
+
+def _after(dependency, blocks, unrolled: bool):
+  """``blocks`` made to depend on ``dependency`` when unrolled. XLA:CPU schedules independent
+  ops breadth-first (every block's logits at once); a data dependency on the previous step
+  (adding zero taken from it) makes it work on one block at a time. Optimisation barriers do not
+  survive its pipeline."""
+  leaves = jax.tree.leaves(dependency)
+  if not unrolled or not leaves:
+    return blocks
+  zero = jnp.ravel(leaves[0])[0] * 0
+  return jax.tree.map(
+      lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, blocks)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
+  """(out [B, K, G, Tp, H] in q's dtype, lse [B, K, G, Tp] float32)."""
+  B, K, G, _, H = q5.shape
+
+  def step(i, j, carry):
+    m, row_sum, acc = carry
+    q_blk, k_blk, v_blk, ex_blk = _after(
+        carry, (_block(q5, 3, i, plan.bq), _block(k4, 2, j, plan.bk), _block(v4, 2, j, plan.bk),
+                _slice_blocks(plan, ex, i, j)), isinstance(i, int))
+    s, _ = _scores(plan, q_blk, k_blk, ex_blk, i, j)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    p = jnp.exp(s - m_new[..., None])
+    alpha = jnp.exp(m - m_new)
+    row_sum = row_sum * alpha + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v_blk.dtype), v_blk,
+                    preferred_element_type=jnp.float32)
+    return m_new, row_sum, acc * alpha[..., None] + pv
+
+  def query_block(i, after=()):
+    carry = (jnp.full((B, K, G, plan.bq), _MAX_START, jnp.float32),
+             jnp.zeros((B, K, G, plan.bq), jnp.float32),
+             jnp.zeros((B, K, G, plan.bq, H), jnp.float32))
+    carry = _after(after, carry, isinstance(i, int))
+    lo, hi = plan.kv_blocks(i)
+    if isinstance(i, int):
+      for j in range(lo, hi):
+        carry = step(i, j, carry)
+    else:
+      carry = lax.fori_loop(lo, hi, lambda j, c: step(i, j, c), carry)
+    m, row_sum, acc = carry
+    inv_sum = jnp.where(row_sum > 0, 1 / row_sum, 0.0)
+    return (acc * inv_sum[..., None]).astype(q5.dtype), m + jnp.log(row_sum)
+
+  if plan.unrolled():
+    outs, lses = [], []
+    for i in range(plan.nq):
+      out, lse = query_block(i, after=outs[-1:])
+      outs.append(out)
+      lses.append(lse)
+    return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+  outs, lses = lax.map(query_block, jnp.arange(plan.nq))
+  return (jnp.moveaxis(outs, 0, 3).reshape(B, K, G, -1, H),
+          jnp.moveaxis(lses, 0, 3).reshape(B, K, G, -1))
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
+  """Gradients (dq5, dk4, dv4, dbias5 or None), looping key blocks outside, queries inside."""
+  B, K, G, Tp, H = q5.shape
+  # d lse / d logit = p, so the lse cotangent enters like a shift of rowsum(dout * out).
+  delta = jnp.einsum("bkgqh,bkgqh->bkgq", dout5.astype(jnp.float32), out5.astype(jnp.float32))
+  delta = delta - dlse4
+  # A row with no visible key has lse = -inf; +inf makes its probabilities exp(-inf) = 0.
+  lse_safe = jnp.where(jnp.isneginf(lse4), jnp.inf, lse4)
+  bias_shape = None if ex.bias is None else ex.bias.shape
+
+  def step(i, j, dk, dv):
+    """Block (i, j): contributions to dk_j, dv_j, and (dq_i, dbias_ij) to add in place."""
+    q_rows = tuple(_block(x, 3, i, plan.bq) for x in (q5, dout5, lse_safe, delta))
+    kv_cols = tuple(_block(x, 2, j, plan.bk) for x in (k4, v4))
+    (q_blk, do_blk, lse_blk, delta_blk), (k_blk, v_blk), ex_blk = _after(
+        (dk, dv), (q_rows, kv_cols, _slice_blocks(plan, ex, i, j)), isinstance(j, int))
+    s, tanh = _scores(plan, q_blk, k_blk, ex_blk, i, j)
+    p = jnp.exp(s - lse_blk[..., None])
+    dv = dv + jnp.einsum("bkgqs,bkgqh->bksh", p.astype(do_blk.dtype), do_blk,
+                         preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bkgqh,bksh->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_blk[..., None])
+    if tanh is not None:
+      ds = ds * (1 - tanh * tanh)
+    dbias = None
+    if bias_shape is not None:
+      axes = tuple(a for a in range(5) if bias_shape[a] == 1)
+      dbias = jnp.sum(ds, axis=axes, keepdims=True)
+    ds = ds.astype(q5.dtype)
+    dq = jnp.einsum("bkgqs,bksh->bkgqh", ds, k_blk, preferred_element_type=jnp.float32)
+    dk = dk + jnp.einsum("bkgqs,bkgqh->bksh", ds, q_blk, preferred_element_type=jnp.float32)
+    return dk, dv, dq, dbias
+
+  zeros_kv = jnp.zeros((B, K, plan.bk, H), jnp.float32)
+  if plan.unrolled():
+    dq_blocks = {}
+    dbias_blocks = {}
+    dks, dvs = [], []
+    for j in range(plan.nk):
+      dk, dv = _after((dks[-1:], dvs[-1:]), (zeros_kv, zeros_kv), True)
+      for i in range(*plan.q_blocks(j)):
+        dk, dv, dq, dbias = step(i, j, dk, dv)
+        dq_blocks[i] = dq_blocks[i] + dq if i in dq_blocks else dq
+        if dbias is not None:
+          at = (i if bias_shape[3] > 1 else 0, j if bias_shape[4] > 1 else 0)
+          dbias_blocks[at] = dbias_blocks[at] + dbias if at in dbias_blocks else dbias
+      dks.append(dk)
+      dvs.append(dv)
+    zeros_q = jnp.zeros((B, K, G, plan.bq, H), jnp.float32)
+    dq5 = jnp.concatenate([dq_blocks.get(i, zeros_q) for i in range(plan.nq)], axis=3)
+    dk4, dv4 = jnp.concatenate(dks, axis=2), jnp.concatenate(dvs, axis=2)
+    dbias5 = None
+    if bias_shape is not None:
+      dbias5 = _assemble_bias_grad(dbias_blocks, bias_shape, plan)
+  else:
+    def key_block(carry, j):
+      def inner(i, c):
+        dk, dv, dq5, dbias5 = c
+        dk, dv, dq, dbias = step(i, j, dk, dv)
+        dq5 = _add_block(dq5, dq, 3, i, plan.bq)
+        if dbias is not None:
+          dbias5 = _add_block_dims(dbias5, dbias, i, j, plan)
+        return dk, dv, dq5, dbias5
+      dq5, dbias5 = carry
+      dk, dv, dq5, dbias5 = lax.fori_loop(*plan.q_blocks(j), inner,
+                                          (zeros_kv, zeros_kv, dq5, dbias5))
+      return (dq5, dbias5), (dk, dv)
+
+    init = (jnp.zeros(q5.shape, jnp.float32),
+            None if bias_shape is None else jnp.zeros(bias_shape, jnp.float32))
+    (dq5, dbias5), (dks, dvs) = lax.scan(key_block, init, jnp.arange(plan.nk))
+    dk4 = jnp.moveaxis(dks, 0, 2).reshape(B, K, -1, H)
+    dv4 = jnp.moveaxis(dvs, 0, 2).reshape(B, K, -1, H)
+  return dq5 * plan.scale, dk4 * plan.scale, dv4, dbias5
+
+
+def _add_block(x: Array, update: Array, axis: int, index, size: int) -> Array:
+  """x with ``update`` added to block ``index`` along ``axis``."""
+  start = index * size
+  current = lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+  return lax.dynamic_update_slice_in_dim(x, current + update, start, axis=axis)
+
+
+def _add_block_dims(dbias5: Array, dbias: Array, i, j, plan: _Plan) -> Array:
+  """dbias5 with a block's bias gradient added at block (i, j) of its full-size dims."""
+  starts = [0, 0, 0, i * plan.bq if dbias5.shape[3] > 1 else 0,
+            j * plan.bk if dbias5.shape[4] > 1 else 0]
+  current = lax.dynamic_slice(dbias5, starts, dbias.shape)
+  return lax.dynamic_update_slice(dbias5, current + dbias, starts)
+
+
+def _assemble_bias_grad(blocks: dict, bias_shape: tuple[int, ...], plan: _Plan) -> Array:
+  """Concatenates per-block bias gradients {(i, j): block} into bias_shape (zeros elsewhere)."""
+  n_i = plan.nq if bias_shape[3] > 1 else 1
+  n_j = plan.nk if bias_shape[4] > 1 else 1
+  blk_shape = list(bias_shape)
+  blk_shape[3] = plan.bq if bias_shape[3] > 1 else 1
+  blk_shape[4] = plan.bk if bias_shape[4] > 1 else 1
+  zeros = jnp.zeros(blk_shape, jnp.float32)
+  rows = [jnp.concatenate([blocks.get((i, j), zeros) for j in range(n_j)], axis=4)
+          for i in range(n_i)]
+  return jnp.concatenate(rows, axis=3)
+
+
+# ----------------------------------------------------------------------------- custom vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(plan: _Plan, q5, k4, v4, ex: _Extras):
+  return _forward(plan, q5, k4, v4, ex)
+
+
+def _attend_fwd(plan, q5, k4, v4, ex):
+  out5, lse4 = _forward(plan, q5, k4, v4, ex)
+  return (out5, lse4), (q5, k4, v4, ex, out5, lse4)
+
+
+def _attend_bwd(plan, residuals, cotangents):
+  q5, k4, v4, ex, out5, lse4 = residuals
+  dout5, dlse4 = cotangents
+  dq5, dk4, dv4, dbias5 = _backward(plan, q5, k4, v4, ex, out5, lse4, dout5, dlse4)
+  dex = _Extras(bias=dbias5, mask=None, q_seg=None, kv_seg=None)
+  return dq5.astype(q5.dtype), dk4.astype(k4.dtype), dv4.astype(v4.dtype), dex
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
