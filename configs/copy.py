@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.arch = "encoder_decoder"  # encoder_decoder or decoder_only.
-  config.model.num_layers = 2  # Layers per stack (encoder and decoder each).
+  config.model.num_layers = 1  # Layers per stack (encoder and decoder each).
   config.model.d_model = 64  # Residual width.
   config.model.num_heads = 4  # Query heads.
   config.model.num_kv_heads = 0  # Key/value heads (grouped-query attention); 0 = num_heads.
@@ -50,17 +50,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 1.0  # Global-norm gradient clipping; 0 = off.
 
   config.train = ml_collections.ConfigDict()
-  config.train.num_steps = 1500  # Training steps.
+  config.train.num_steps = 1000  # Training steps.
   config.train.batch_size = 64  # Sequences per step (split over all local devices).
   config.train.label_smoothing = 0.0  # Label smoothing of the training loss.
   config.train.log_every = 100  # Steps between train metrics (the only host syncs).
-  config.train.eval_every = 500  # Steps between held-out teacher-forced evals; 0 = end only.
-  config.train.eval_sequences = 256  # Held-out sequences of those evals.
+  config.train.eval_every = 500  # Steps between held-out evals (train lengths); 0 = none.
   config.train.checkpoint_every = 500  # Steps between checkpoints (and at the end).
   config.train.keep_checkpoints = 3  # Checkpoints kept.
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.num_sequences = 1000  # Held-out sequences per length bucket (final eval).
+  config.eval.num_sequences = 1000  # Held-out sequences per length bucket.
   config.eval.length_multipliers = (2, 4)  # Extra buckets at these multiples of max_length.
   config.eval.num_attention_examples = 2  # Examples drawn in attention_*.png.
 
@@ -70,7 +69,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every = 5
     config.train.eval_every = 10
     config.train.checkpoint_every = 10
-    config.train.eval_sequences = 64
     config.eval.num_sequences = 64
     config.eval.num_attention_examples = 1
     config.plots = True

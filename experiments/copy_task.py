@@ -9,7 +9,7 @@ Writes config.json, metrics.jsonl, checkpoints/, results.json and figures to the
 rerunning resumes from the latest checkpoint (see attnjax.toy.train).
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from attnjax.toy import train
@@ -23,6 +23,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from attnjax.toy import decoding, tasks
+from attnjax.toy import decoding, models, tasks
 
 if TYPE_CHECKING:
   from attnjax.toy.train import Experiment
@@ -57,39 +58,101 @@ def _rows(x: np.ndarray) -> list[bytes]:
   return [r.tobytes() for r in x]
 
 
+def loss_and_metrics(logits: jax.Array, example: dict[str, jax.Array],
+                     label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean cross-entropy over target tokens, and summed counts for metrics.
+
+  Args:
+    logits: ``[B, T, V]``.
+    example: with ``labels [B, T]`` and ``weights [B, T]``.
+    label_smoothing: mass spread uniformly over the vocabulary.
+
+  Returns:
+    ``(loss, metrics)``; metrics hold sums: ``loss`` (unsmoothed cross-entropy), ``correct``
+    (argmax hits), ``tokens`` (target tokens), ``sequences``, ``exact`` (sequences whose every
+    target token is right under teacher forcing).
+  """
+  labels, weights = example["labels"], example["weights"]
+  logits = logits.astype(jnp.float32)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1])
+  smoothed = optax.smooth_labels(onehot, label_smoothing) if label_smoothing else onehot
+  xent = optax.softmax_cross_entropy(logits, smoothed)
+  tokens = weights.sum()
+  loss = (xent * weights).sum() / jnp.maximum(tokens, 1.0)
+  nll = optax.softmax_cross_entropy(logits, onehot) if label_smoothing else xent
+  hit = (jnp.argmax(logits, -1) == labels) | (weights == 0)
+  return loss, {
+      "loss": (nll * weights).sum(),
+      "correct": (hit * weights).sum(),
+      "tokens": tokens,
+      "sequences": jnp.float32(labels.shape[0]),
+      "exact": jnp.all(hit, axis=-1).sum().astype(jnp.float32),
+  }
+
+
+def summarize(sums: dict[str, Any], prefix: str) -> dict[str, float]:
+  """Means of summed metrics (see :func:`loss_and_metrics`), with a key prefix."""
+  tokens = max(float(sums["tokens"]), 1.0)
+  return {
+      f"{prefix}loss": float(sums["loss"]) / tokens,
+      f"{prefix}token_accuracy": float(sums["correct"]) / tokens,
+      f"{prefix}teacher_forced_exact_match": float(sums["exact"]) / float(sums["sequences"]),
+  }
+
+
+def evaluate_bucket(exp: Experiment, params, *, task: tasks.Task,
+                    stream: int) -> dict[str, jax.Array]:
+  """Teacher-forced sums and greedy exact match on held-out sequences (jit this).
+
+  Args:
+    exp: the experiment (model, config, keys).
+    params: model parameters.
+    task: the task at the bucket's lengths.
+    stream: index of the held-out key stream (buckets use distinct streams).
+
+  Returns:
+    ``sums`` (as :func:`loss_and_metrics`), bool ``exact [B]`` and the
+    ``inputs [B, S]``.
+  """
+  batch = exp.eval_batch(task, exp.config.eval.num_sequences, stream)
+  example = exp.format(batch)
+  logits = models.apply_model(exp.model, {"params": params}, example)
+  sums = loss_and_metrics(logits, example)[1]
+  prefill = task.min_input_len + 1 if exp.config.model.arch == "decoder_only" else 0
+  predictions = decoding.greedy_decode(exp.model, params, batch, target_len=task.target_len,
+                                       stop_at_eos=task.has_eos, prefill=prefill)
+  return {"sums": sums, "exact": exact_match(predictions, batch["targets"]),
+          "inputs": batch["inputs"]}
+
+
+def summarize_bucket(out: dict[str, Any], prefix: str = "") -> dict[str, float]:
+  """:func:`summarize` plus ``exact_match`` (greedy decoding) of an :func:`evaluate_bucket`
+  output."""
+  return {**summarize(out["sums"], prefix),
+          f"{prefix}exact_match": float(np.mean(out["exact"]))}
+
+
 def evaluate(exp: Experiment, params) -> dict[str, Any]:
   """The results table of a trained model (see the module docstring)."""
   cfg = exp.config
-  out: dict[str, Any] = {"buckets": {}}
+  results: dict[str, Any] = {"buckets": {}}
   seen_rows = None
   for i, (name, task) in enumerate(buckets(exp.task, cfg.eval.length_multipliers)):
-    batch = exp.eval_batch(task, cfg.eval.num_sequences, stream=1 + i)
-    sums = jax.device_get(exp.eval_step(params, batch))
-    tokens = max(float(sums["tokens"]), 1.0)
-    inputs = np.asarray(batch["inputs"])
-    prefill = int((inputs != tasks.PAD).sum(1).min()) + 1  # shortest prompt BOS x SEP, less 1
-    predictions = decoding.greedy_decode(
-        exp.model, params, batch, target_len=task.target_len, stop_at_eos=task.has_eos,
-        prefill=prefill if cfg.model.arch == "decoder_only" else 0)
-    exact = np.asarray(exact_match(predictions, batch["targets"]))
-    row = {
-        "min_length": task.min_length,
-        "max_length": task.max_length,
-        "num_sequences": int(exact.size),
-        "loss": float(sums["loss"]) / tokens,
-        "token_accuracy": float(sums["correct"]) / tokens,
-        "exact_match": float(exact.mean()),
-    }
+    out = jax.device_get(exp.evaluate_bucket(params, task=task, stream=i))
+    row = {"min_length": task.min_length, "max_length": task.max_length,
+           "num_sequences": int(out["exact"].size), **summarize_bucket(out)}
+    row.pop("teacher_forced_exact_match")
     if task.min_length <= exp.task.max_length:
       if seen_rows is None:
-        train_inputs = training_inputs(exp, cfg.train.num_steps)
+        train_inputs = training_inputs(exp, int(cfg.train.num_steps))
         seen_rows = set() if train_inputs is None else set(_rows(train_inputs))
       if seen_rows:
-        seen = np.array([r in seen_rows for r in _rows(inputs)])
+        seen = np.array([r in seen_rows for r in _rows(out["inputs"])])
+        unseen = out["exact"][~seen]
         row["seen_in_training"] = float(seen.mean())
-        row["exact_match_unseen"] = float(exact[~seen].mean()) if (~seen).any() else None
-    out["buckets"][name] = row
-  return out
+        row["exact_match_unseen"] = float(unseen.mean()) if unseen.size else None
+    results["buckets"][name] = row
+  return results
 
 
 def format_table(results: dict[str, Any]) -> str:

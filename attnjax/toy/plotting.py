@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 import jax
 import matplotlib
-import numpy as np
 
 from attnjax.toy import models, tasks
 
@@ -46,55 +45,62 @@ def learning_curves(metrics_path: str, out_path: str) -> None:
   plt.close(fig)
 
 
-def _panel_grid(weights: list[np.ndarray], q_names: list[str], k_names: list[str],
-                title: str, out_path: str) -> None:
-  """One figure: ``weights[layer]`` is ``[N, T, S]``."""
-  num_layers, num_heads = len(weights), weights[0].shape[0]
-  size = 0.18 * max(len(q_names), len(k_names)) + 1.0
-  fig, axes = plt.subplots(num_layers, num_heads, squeeze=False,
-                           figsize=(size * num_heads, size * num_layers + 0.6))
-  for layer, w_NTS in enumerate(weights):
-    for head in range(num_heads):
-      ax = axes[layer, head]
-      ax.imshow(w_NTS[head], cmap="viridis", vmin=0.0, vmax=1.0)
-      ax.set_xticks(range(len(k_names)), k_names, fontsize=6, rotation=90)
-      ax.set_yticks(range(len(q_names)), q_names, fontsize=6)
-      ax.set_title(f"layer {layer} head {head}", fontsize=7)
-  fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(out_path, dpi=110)
-  plt.close(fig)
-
-
 def attention_maps(exp: Experiment, params, workdir: str) -> list[str]:
-  """Writes ``attention_{i}_{kind}.png`` for ``config.eval.num_attention_examples`` held-out
-  examples; returns the paths."""
+  """Writes ``attention_{i}.png`` for ``config.eval.num_attention_examples`` held-out
+  examples (one row of heads per attention layer: encoder self-, decoder self- and
+  cross-attention); returns the paths."""
   num = exp.config.eval.num_attention_examples
   if not num:
     return []
-  batch = jax.device_get(exp.eval_batch(exp.task, num, stream=1000))
-  example = exp.format(batch)
-  _, variables = models.apply_model(exp.model, {"params": params}, example,
-                                    sow_weights=True, mutable=["intermediates"])
-  sown = jax.device_get(variables["intermediates"])
+
+  @jax.jit
+  def sow(params):
+    example = exp.format(exp.eval_batch(exp.task, num, stream=1000))
+    _, variables = models.apply_model(exp.model, {"params": params}, example,
+                                      sow_weights=True, mutable=["intermediates"])
+    return example, variables["intermediates"]
+
+  example, sown = jax.device_get(sow(params))
   paths = []
   for i in range(num):
-    dec_tokens = np.asarray(example["decoder_inputs"][i])
+    dec_tokens = example["decoder_inputs"][i]
     dec_len = int((example["weights"][i] > 0).nonzero()[0].max()) + 1
     dec_names = tasks.token_names(exp.task, dec_tokens[:dec_len])
-    groups = []
+    groups = []  # (stack, attention kind, query names, key names)
     if "inputs" in example:
-      enc_tokens = np.asarray(example["inputs"][i])
+      enc_tokens = example["inputs"][i]
       enc_names = tasks.token_names(exp.task, enc_tokens[enc_tokens != tasks.PAD])
       groups.append(("encoder", "self_attention", enc_names, enc_names))
+      groups.append(("decoder", "self_attention", dec_names, dec_names))
       groups.append(("decoder", "cross_attention", dec_names, enc_names))
-    groups.append(("decoder", "self_attention", dec_names, dec_names))
+    else:
+      groups.append(("decoder", "self_attention", dec_names, dec_names))
+    panels = []  # (title, [N, T, S] weights, query names, key names)
     for stack, kind, q_names, k_names in groups:
-      layers = sorted(sown[stack], key=lambda name: int(name.split("_")[1]))
-      weights = [np.asarray(sown[stack][layer][kind]["attention_weights"][0][i])
-                 [:, :len(q_names), :len(k_names)] for layer in layers]
-      path = os.path.join(workdir, f"attention_{i}_{stack}_{kind}.png")
-      _panel_grid(weights, q_names, k_names,
-                  f"{exp.task.name}: {stack} {kind.replace('_', '-')}, example {i}", path)
-      paths.append(path)
+      for layer in sorted(sown[stack], key=lambda name: int(name.split("_")[1])):
+        w_NTS = sown[stack][layer][kind]["attention_weights"][0][i]
+        panels.append((f"{stack} {layer} {kind.replace('_', '-')}",
+                       w_NTS[:, :len(q_names), :len(k_names)], q_names, k_names))
+    path = os.path.join(workdir, f"attention_{i}.png")
+    _draw(panels, f"{exp.task.name}: held-out example {i} (rows: queries, columns: keys)",
+          path)
+    paths.append(path)
   return paths
+
+
+def _draw(panels, title: str, out_path: str) -> None:
+  num_heads = panels[0][1].shape[0]
+  cell = 0.16 * max(max(len(q), len(k)) for _, _, q, k in panels) + 0.8
+  fig, axes = plt.subplots(len(panels), num_heads, squeeze=False,
+                           figsize=(cell * num_heads, cell * len(panels) + 0.5))
+  for row, (name, w_NTS, q_names, k_names) in enumerate(panels):
+    for head in range(num_heads):
+      ax = axes[row, head]
+      ax.imshow(w_NTS[head], cmap="viridis", vmin=0.0, vmax=1.0)
+      ax.set_xticks(range(len(k_names)), k_names, fontsize=5, rotation=90)
+      ax.set_yticks(range(len(q_names)), q_names, fontsize=5)
+      ax.set_title(f"{name}, head {head}", fontsize=6)
+  fig.suptitle(title, fontsize=8)
+  fig.subplots_adjust(hspace=0.5, wspace=0.4)
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)

@@ -109,6 +109,14 @@ class Task:
     return self.max_length
 
   @property
+  def min_input_len(self) -> int:
+    """The fewest input tokens of an example."""
+    n = self.min_length
+    if self.name == "associative_recall":
+      return 2 * n + min(n, self.num_queries)
+    return n
+
+  @property
   def target_len(self) -> int:
     """T, the padded target length (EOS included)."""
     n = self.max_length

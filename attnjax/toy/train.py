@@ -17,6 +17,7 @@ Workdir layout::
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -107,49 +108,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     raise ValueError(f"optimizer.name must be adam or adamw, got {c.name!r}")
   if c.grad_clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), opt)
+  opt = optax.flatten(opt)
   return opt
-
-
-def loss_and_metrics(logits: jax.Array, example: dict[str, jax.Array],
-                     label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean cross-entropy over target tokens, and summed counts for metrics.
-
-  Args:
-    logits: ``[B, T, V]``.
-    example: with ``labels [B, T]`` and ``weights [B, T]``.
-    label_smoothing: mass spread uniformly over the vocabulary.
-
-  Returns:
-    ``(loss, metrics)``; metrics hold sums: ``loss`` (unsmoothed cross-entropy), ``correct``
-    (argmax hits), ``tokens`` (target tokens), ``sequences``, ``exact`` (sequences whose every
-    target token is right under teacher forcing).
-  """
-  labels, weights = example["labels"], example["weights"]
-  logits = logits.astype(jnp.float32)
-  onehot = jax.nn.one_hot(labels, logits.shape[-1])
-  smoothed = optax.smooth_labels(onehot, label_smoothing) if label_smoothing else onehot
-  xent = optax.softmax_cross_entropy(logits, smoothed)
-  tokens = weights.sum()
-  loss = (xent * weights).sum() / jnp.maximum(tokens, 1.0)
-  nll = optax.softmax_cross_entropy(logits, onehot) if label_smoothing else xent
-  hit = (jnp.argmax(logits, -1) == labels) | (weights == 0)
-  return loss, {
-      "loss": (nll * weights).sum(),
-      "correct": (hit * weights).sum(),
-      "tokens": tokens,
-      "sequences": jnp.float32(labels.shape[0]),
-      "exact": jnp.all(hit, axis=-1).sum().astype(jnp.float32),
-  }
-
-
-def summarize(sums: dict[str, Any], prefix: str) -> dict[str, float]:
-  """Per-token and per-sequence means of summed metrics, with a key prefix."""
-  tokens = max(float(sums["tokens"]), 1.0)
-  return {
-      f"{prefix}loss": float(sums["loss"]) / tokens,
-      f"{prefix}token_accuracy": float(sums["correct"]) / tokens,
-      f"{prefix}teacher_forced_exact_match": float(sums["exact"]) / float(sums["sequences"]),
-  }
 
 
 class Experiment:
@@ -175,7 +135,9 @@ class Experiment:
     self.train_step = jax.jit(self._train_step, donate_argnums=0,
                               in_shardings=self.replicated,
                               out_shardings=(self.replicated, self.replicated))
-    self.eval_step = jax.jit(self._eval_step, out_shardings=self.replicated)
+    self.evaluate_bucket = jax.jit(
+        functools.partial(evaluation.evaluate_bucket, self), static_argnames=("task", "stream"),
+        out_shardings=self.replicated)
 
   def sample_train_batch(self, step: jax.Array) -> dict[str, jax.Array]:
     """The training batch of ``step`` (sharded over ``data`` inside jit)."""
@@ -202,23 +164,19 @@ class Experiment:
     def loss_fn(params):
       logits = models.apply_model(self.model, {"params": params}, example,
                                   deterministic=False, rngs={"dropout": dropout_key})
-      return loss_and_metrics(logits, example, self.config.train.label_smoothing)
+      return evaluation.loss_and_metrics(logits, example, self.config.train.label_smoothing)
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
     metrics["grad_norm"] = optax.global_norm(grads)
     return state.apply_gradients(grads=grads), metrics
 
-  def _eval_step(self, params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    example = self.format(batch)
-    logits = models.apply_model(self.model, {"params": params}, example)
-    return loss_and_metrics(logits, example)[1]
-
-  def eval_batch(self, task: tasks.Task, num: int, stream: int = 0) -> dict[str, jax.Array]:
-    """A held-out batch of ``num`` sequences (eval key stream, never the training one)."""
-    key = jax.random.fold_in(self.eval_key, stream)
-    batch = jax.jit(task.sample, static_argnums=1)(key, num)
-    sharding = self.data_sharding if num % self.mesh.size == 0 else self.replicated
-    return jax.device_put(batch, sharding)
+  def eval_batch(self, task: tasks.Task, num: int, stream: int) -> dict[str, jax.Array]:
+    """``num`` held-out sequences of ``task`` from the evaluation key stream (inside jit:
+    sharded over ``data`` when the devices divide ``num``)."""
+    batch = task.sample(jax.random.fold_in(self.eval_key, stream), num)
+    if num % self.mesh.size == 0:
+      batch = jax.lax.with_sharding_constraint(batch, self.data_sharding)
+    return batch
 
 
 def _check_workdir(workdir: str, config: ml_collections.ConfigDict, exp: Experiment,
@@ -332,7 +290,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("Model %s: %d parameters on %d device(s).", config.model.arch, num_params,
                exp.mesh.size)
 
-  eval_batch = exp.eval_batch(exp.task, config.train.eval_sequences)
   shapes = jax.eval_shape(lambda: exp.format(exp.task.sample(jax.random.key(0), 1)))
   tokens_per_step = config.train.batch_size * sum(
       shapes[k].shape[1] for k in ("inputs", "decoder_inputs") if k in shapes)
@@ -361,22 +318,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         check_finite(step, sums)
         now = time.time()
         rate = (step - last_log_step) / (now - last_log_time)
-        record.update(summarize(sums, "train_"))
+        record.update(evaluation.summarize(sums, "train_"))
         record.update(train_steps_per_sec=rate, train_tokens_per_sec=rate * tokens_per_step,
                       train_grad_norm=float(sums["grad_norm"]) / (step - last_log_step),
                       train_learning_rate=float(learning_rate_schedule(config)(step - 1)))
         last_log_time, last_log_step = now, step
       if config.train.eval_every and (step % config.train.eval_every == 0
                                       or step == num_steps):
-        record.update(summarize(jax.device_get(exp.eval_step(state.params, eval_batch)),
-                                "eval_"))
+        record.update(evaluation.summarize_bucket(
+            jax.device_get(exp.evaluate_bucket(state.params, task=exp.task, stream=0)),
+            "eval_"))
       if record:
         record = {"step": step, "wall_time": time.time() - start_time, **record}
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         progress.update(step, {k.removeprefix("train_"): v for k, v in record.items()
                                if k in ("train_loss", "train_token_accuracy", "eval_loss",
-                                        "eval_token_accuracy", "train_steps_per_sec")})
+                                        "eval_exact_match", "train_steps_per_sec")})
       if step % config.train.checkpoint_every == 0 or step == num_steps:
         check_finite(step)
         manager.save(step, args=ocp.args.StandardSave(state))
