@@ -234,18 +234,29 @@ def _block(x: Array, axis: int, index, size: int) -> Array:
   return lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
 
 
-def _slice_blocks(plan: _Plan, ex: _Extras, i, j) -> _Extras:
-  """The rows of block i and columns of block j of the per-logit inputs."""
+def _slice_blocks(plan: _Plan, ex: _Extras, i, j, transposed: bool = False) -> _Extras:
+  """The rows of query block i and columns of key block j of the per-logit inputs."""
+  t_axis, s_axis = (4, 2) if transposed else (3, 4)
+
   def rows_cols(x):
-    return None if x is None else _block(_block(x, 3, i, plan.bq), 4, j, plan.bk)
+    return None if x is None else _block(_block(x, t_axis, i, plan.bq), s_axis, j, plan.bk)
   return _Extras(bias=rows_cols(ex.bias), mask=rows_cols(ex.mask),
                  q_seg=None if ex.q_seg is None else _block(ex.q_seg, 1, i, plan.bq),
                  kv_seg=None if ex.kv_seg is None else _block(ex.kv_seg, 1, j, plan.bk))
 
 
-def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j):
-  """Hidden-masked float32 logits of block (i, j) [B, K, G, bq, bk], and tanh if soft-capped."""
-  s = jnp.einsum("bkgqh,bksh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32)
+def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j,
+            transposed: bool = False):
+  """Hidden-masked float32 logits of block (i, j), and their tanh if soft-capped.
+
+  The logits are [B, K, G, bq, bk], or [B, K, bk, G, bq] if ``transposed`` (then ``ex_blk``
+  comes from extras transposed the same way), the layout whose matmuls XLA:CPU runs fastest in
+  the key-major backward pass.
+  """
+  if transposed:
+    s = jnp.einsum("bksh,bkgqh->bksgq", k_blk, q_blk, preferred_element_type=jnp.float32)
+  else:
+    s = jnp.einsum("bkgqh,bksh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32)
   s = s * plan.scale
   if ex_blk.bias is not None:
     s = s + ex_blk.bias
@@ -257,10 +268,12 @@ def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j):
   if ex_blk.mask is not None:
     visible.append(ex_blk.mask)
   if ex_blk.q_seg is not None:
-    visible.append((ex_blk.q_seg[:, :, None] == ex_blk.kv_seg[:, None, :])[:, None, None])
+    same = ex_blk.q_seg[:, :, None] == ex_blk.kv_seg[:, None, :]  # [B, bq, bk]
+    visible.append(same.transpose(0, 2, 1)[:, None, :, None] if transposed else same[:, None, None])
   if plan.needs_position_mask(i, j):
-    q_pos = i * plan.bq + lax.broadcasted_iota(jnp.int32, (plan.bq, plan.bk), 0)
-    k_pos = j * plan.bk + lax.broadcasted_iota(jnp.int32, (plan.bq, plan.bk), 1)
+    shape = (plan.bk, 1, plan.bq) if transposed else (plan.bq, plan.bk)
+    q_pos = i * plan.bq + lax.broadcasted_iota(jnp.int32, shape, 2 if transposed else 0)
+    k_pos = j * plan.bk + lax.broadcasted_iota(jnp.int32, shape, 0 if transposed else 1)
     pos = k_pos < plan.S
     if plan.is_causal:
       pos &= k_pos <= q_pos
@@ -285,18 +298,50 @@ def _after(dependency, blocks, unrolled: bool):
       lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, blocks)
 
 
+def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, finish, axis: int,
+           shared=None):
+  """Runs ``for o: c = init(); for n in inner_blocks(o): c, shared = step(o, n, c, shared)``.
+
+  Unrolled in Python (static block indices) for small plans, else as lax loops. Returns
+  ``(results, shared)``: ``finish(o, c)`` of every outer block o joined along ``axis``.
+  """
+  if plan.unrolled():
+    results = []
+    for o in range(n_outer):
+      carry = _after(results[-1:], init(), True)
+      for n in range(*inner_blocks(o)):
+        carry, shared = step(o, n, carry, shared)
+      results.append(finish(o, carry))
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis), *results), shared
+
+  def outer(shared, o):
+    carry, shared = lax.fori_loop(*inner_blocks(o), lambda n, c: step(o, n, *c), (init(), shared))
+    return shared, finish(o, carry)
+
+  shared, results = lax.scan(outer, shared, jnp.arange(n_outer))
+  merge = lambda x: jnp.moveaxis(x, 0, axis).reshape(  # noqa: E731
+      x.shape[1:axis + 1] + (-1,) + x.shape[axis + 2:])
+  return jax.tree.map(merge, results), shared
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
   """(out [B, K, G, Tp, H] in q's dtype, lse [B, K, G, Tp] float32)."""
   B, K, G, _, H = q5.shape
+  unrolled = plan.unrolled()
 
-  def step(i, j, carry):
+  def init():
+    return (jnp.full((B, K, G, plan.bq), _MAX_START, jnp.float32),
+            jnp.zeros((B, K, G, plan.bq), jnp.float32),
+            jnp.zeros((B, K, G, plan.bq, H), jnp.float32))
+
+  def step(i, j, carry, shared):
     m, row_sum, acc = carry
     q_blk, k_blk, v_blk, ex_blk = _after(
         carry, (_block(q5, 3, i, plan.bq), _block(k4, 2, j, plan.bk), _block(v4, 2, j, plan.bk),
-                _slice_blocks(plan, ex, i, j)), isinstance(i, int))
+                _slice_blocks(plan, ex, i, j)), unrolled)
     s, _ = _scores(plan, q_blk, k_blk, ex_blk, i, j)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.exp(s - m_new[..., None])
@@ -304,140 +349,95 @@ def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
     row_sum = row_sum * alpha + jnp.sum(p, axis=-1)
     pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v_blk.dtype), v_blk,
                     preferred_element_type=jnp.float32)
-    return m_new, row_sum, acc * alpha[..., None] + pv
+    return (m_new, row_sum, acc * alpha[..., None] + pv), shared
 
-  def query_block(i, after=()):
-    carry = (jnp.full((B, K, G, plan.bq), _MAX_START, jnp.float32),
-             jnp.zeros((B, K, G, plan.bq), jnp.float32),
-             jnp.zeros((B, K, G, plan.bq, H), jnp.float32))
-    carry = _after(after, carry, isinstance(i, int))
-    lo, hi = plan.kv_blocks(i)
-    if isinstance(i, int):
-      for j in range(lo, hi):
-        carry = step(i, j, carry)
-    else:
-      carry = lax.fori_loop(lo, hi, lambda j, c: step(i, j, c), carry)
+  def finish(i, carry):
     m, row_sum, acc = carry
     inv_sum = jnp.where(row_sum > 0, 1 / row_sum, 0.0)
     return (acc * inv_sum[..., None]).astype(q5.dtype), m + jnp.log(row_sum)
 
-  if plan.unrolled():
-    outs, lses = [], []
-    for i in range(plan.nq):
-      out, lse = query_block(i, after=outs[-1:])
-      outs.append(out)
-      lses.append(lse)
-    return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
-  outs, lses = lax.map(query_block, jnp.arange(plan.nq))
-  return (jnp.moveaxis(outs, 0, 3).reshape(B, K, G, -1, H),
-          jnp.moveaxis(lses, 0, 3).reshape(B, K, G, -1))
+  (out5, lse4), _ = _sweep(plan, plan.nq, plan.kv_blocks, init, step, finish, axis=3)
+  return out5, lse4
 
 
 # ----------------------------------------------------------------------------- backward
 
 
 def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
-  """Gradients (dq5, dk4, dv4, dbias5 or None), looping key blocks outside, queries inside."""
-  B, K, G, Tp, H = q5.shape
+  """Gradients (dq5, dk4, dv4, dbias5 or None) in two sweeps: dk and dv with key blocks
+  outside (in the transposed layout), then dq and dbias with query blocks outside. Two sweeps
+  recompute the logits twice but keep every matmul in the layout XLA:CPU runs fast, and
+  accumulate nothing of size T across blocks."""
+  B, K, G, _, H = q5.shape
+  unrolled = plan.unrolled()
   # d lse / d logit = p, so the lse cotangent enters like a shift of rowsum(dout * out).
   delta = jnp.einsum("bkgqh,bkgqh->bkgq", dout5.astype(jnp.float32), out5.astype(jnp.float32))
   delta = delta - dlse4
   # A row with no visible key has lse = -inf; +inf makes its probabilities exp(-inf) = 0.
   lse_safe = jnp.where(jnp.isneginf(lse4), jnp.inf, lse4)
-  bias_shape = None if ex.bias is None else ex.bias.shape
 
-  def step(i, j, dk, dv):
-    """Block (i, j): contributions to dk_j, dv_j, and (dq_i, dbias_ij) to add in place."""
-    q_rows = tuple(_block(x, 3, i, plan.bq) for x in (q5, dout5, lse_safe, delta))
-    kv_cols = tuple(_block(x, 2, j, plan.bk) for x in (k4, v4))
-    (q_blk, do_blk, lse_blk, delta_blk), (k_blk, v_blk), ex_blk = _after(
-        (dk, dv), (q_rows, kv_cols, _slice_blocks(plan, ex, i, j)), isinstance(j, int))
-    s, tanh = _scores(plan, q_blk, k_blk, ex_blk, i, j)
-    p = jnp.exp(s - lse_blk[..., None])
-    dv = dv + jnp.einsum("bkgqs,bkgqh->bksh", p.astype(do_blk.dtype), do_blk,
+  def query_side(i, dependency):
+    return _after(dependency, tuple(_block(x, 3, i, plan.bq) for x in (q5, dout5, lse_safe, delta)),
+                  unrolled)
+
+  def kv_side(j, dependency):
+    return _after(dependency, (_block(k4, 2, j, plan.bk), _block(v4, 2, j, plan.bk)), unrolled)
+
+  def soft_cap_grad(ds, tanh):
+    return ds if tanh is None else ds * (1 - tanh * tanh)
+
+  # Sweep 1: dk, dv. Logits in [B, K, bk, G, bq] (extras transposed once, up front).
+  transpose = lambda x: None if x is None else x.transpose(0, 1, 4, 2, 3)  # noqa: E731
+  ex_t = _Extras(bias=transpose(ex.bias), mask=transpose(ex.mask), q_seg=ex.q_seg,
+                 kv_seg=ex.kv_seg)
+
+  def dkv_step(j, i, carry, shared):
+    q_blk, do_blk, lse_blk, delta_blk = query_side(i, carry)
+    k_blk, v_blk = kv_side(j, carry)
+    ex_blk = _after(carry, _slice_blocks(plan, ex_t, i, j, transposed=True), unrolled)
+    s_t, tanh = _scores(plan, q_blk, k_blk, ex_blk, i, j, transposed=True)
+    p_t = jnp.exp(s_t - lse_blk[:, :, None])
+    dp_t = jnp.einsum("bksh,bkgqh->bksgq", v_blk, do_blk, preferred_element_type=jnp.float32)
+    ds_t = soft_cap_grad(p_t * (dp_t - delta_blk[:, :, None]), tanh).astype(q_blk.dtype)
+    dk, dv = carry
+    dk = dk + jnp.einsum("bksgq,bkgqh->bksh", ds_t, q_blk, preferred_element_type=jnp.float32)
+    dv = dv + jnp.einsum("bksgq,bkgqh->bksh", p_t.astype(do_blk.dtype), do_blk,
                          preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bkgqh,bksh->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta_blk[..., None])
-    if tanh is not None:
-      ds = ds * (1 - tanh * tanh)
-    dbias = None
-    if bias_shape is not None:
-      axes = tuple(a for a in range(5) if bias_shape[a] == 1)
-      dbias = jnp.sum(ds, axis=axes, keepdims=True)
-    ds = ds.astype(q5.dtype)
-    dq = jnp.einsum("bkgqs,bksh->bkgqh", ds, k_blk, preferred_element_type=jnp.float32)
-    dk = dk + jnp.einsum("bkgqs,bkgqh->bksh", ds, q_blk, preferred_element_type=jnp.float32)
-    return dk, dv, dq, dbias
+    return (dk, dv), shared
 
   zeros_kv = jnp.zeros((B, K, plan.bk, H), jnp.float32)
-  if plan.unrolled():
-    dq_blocks = {}
-    dbias_blocks = {}
-    dks, dvs = [], []
-    for j in range(plan.nk):
-      dk, dv = _after((dks[-1:], dvs[-1:]), (zeros_kv, zeros_kv), True)
-      for i in range(*plan.q_blocks(j)):
-        dk, dv, dq, dbias = step(i, j, dk, dv)
-        dq_blocks[i] = dq_blocks[i] + dq if i in dq_blocks else dq
-        if dbias is not None:
-          at = (i if bias_shape[3] > 1 else 0, j if bias_shape[4] > 1 else 0)
-          dbias_blocks[at] = dbias_blocks[at] + dbias if at in dbias_blocks else dbias
-      dks.append(dk)
-      dvs.append(dv)
-    zeros_q = jnp.zeros((B, K, G, plan.bq, H), jnp.float32)
-    dq5 = jnp.concatenate([dq_blocks.get(i, zeros_q) for i in range(plan.nq)], axis=3)
-    dk4, dv4 = jnp.concatenate(dks, axis=2), jnp.concatenate(dvs, axis=2)
-    dbias5 = None
-    if bias_shape is not None:
-      dbias5 = _assemble_bias_grad(dbias_blocks, bias_shape, plan)
-  else:
-    def key_block(carry, j):
-      def inner(i, c):
-        dk, dv, dq5, dbias5 = c
-        dk, dv, dq, dbias = step(i, j, dk, dv)
-        dq5 = _add_block(dq5, dq, 3, i, plan.bq)
-        if dbias is not None:
-          dbias5 = _add_block_dims(dbias5, dbias, i, j, plan)
-        return dk, dv, dq5, dbias5
-      dq5, dbias5 = carry
-      dk, dv, dq5, dbias5 = lax.fori_loop(*plan.q_blocks(j), inner,
-                                          (zeros_kv, zeros_kv, dq5, dbias5))
-      return (dq5, dbias5), (dk, dv)
+  (dk4, dv4), _ = _sweep(plan, plan.nk, plan.q_blocks, lambda: (zeros_kv, zeros_kv), dkv_step,
+                         lambda j, carry: carry, axis=2)
 
-    init = (jnp.zeros(q5.shape, jnp.float32),
-            None if bias_shape is None else jnp.zeros(bias_shape, jnp.float32))
-    (dq5, dbias5), (dks, dvs) = lax.scan(key_block, init, jnp.arange(plan.nk))
-    dk4 = jnp.moveaxis(dks, 0, 2).reshape(B, K, -1, H)
-    dv4 = jnp.moveaxis(dvs, 0, 2).reshape(B, K, -1, H)
+  # Sweep 2: dq, and dbias accumulated into a bias-shaped array.
+  def dq_step(i, j, dq, dbias5):
+    q_blk, do_blk, lse_blk, delta_blk = query_side(i, dq)
+    k_blk, v_blk = kv_side(j, dq)
+    ex_blk = _after(dq, _slice_blocks(plan, ex, i, j), unrolled)
+    s, tanh = _scores(plan, q_blk, k_blk, ex_blk, i, j)
+    p = jnp.exp(s - lse_blk[..., None])
+    dp = jnp.einsum("bkgqh,bksh->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
+    ds = soft_cap_grad(p * (dp - delta_blk[..., None]), tanh)
+    if dbias5 is not None:
+      axes = tuple(a for a in range(5) if dbias5.shape[a] == 1)
+      dbias5 = _add_bias_block(dbias5, jnp.sum(ds, axis=axes, keepdims=True), i, j, plan)
+    dq = dq + jnp.einsum("bkgqs,bksh->bkgqh", ds.astype(q_blk.dtype), k_blk,
+                         preferred_element_type=jnp.float32)
+    return dq, dbias5
+
+  dbias5 = None if ex.bias is None else jnp.zeros(ex.bias.shape, jnp.float32)
+  dq5, dbias5 = _sweep(plan, plan.nq, plan.kv_blocks,
+                       lambda: jnp.zeros((B, K, G, plan.bq, H), jnp.float32), dq_step,
+                       lambda i, dq: dq, axis=3, shared=dbias5)
   return dq5 * plan.scale, dk4 * plan.scale, dv4, dbias5
 
 
-def _add_block(x: Array, update: Array, axis: int, index, size: int) -> Array:
-  """x with ``update`` added to block ``index`` along ``axis``."""
-  start = index * size
-  current = lax.dynamic_slice_in_dim(x, start, size, axis=axis)
-  return lax.dynamic_update_slice_in_dim(x, current + update, start, axis=axis)
-
-
-def _add_block_dims(dbias5: Array, dbias: Array, i, j, plan: _Plan) -> Array:
-  """dbias5 with a block's bias gradient added at block (i, j) of its full-size dims."""
+def _add_bias_block(dbias5: Array, dbias: Array, i, j, plan: _Plan) -> Array:
+  """dbias5 with one block's bias gradient added at block (i, j) of its full-size dims."""
   starts = [0, 0, 0, i * plan.bq if dbias5.shape[3] > 1 else 0,
             j * plan.bk if dbias5.shape[4] > 1 else 0]
   current = lax.dynamic_slice(dbias5, starts, dbias.shape)
   return lax.dynamic_update_slice(dbias5, current + dbias, starts)
-
-
-def _assemble_bias_grad(blocks: dict, bias_shape: tuple[int, ...], plan: _Plan) -> Array:
-  """Concatenates per-block bias gradients {(i, j): block} into bias_shape (zeros elsewhere)."""
-  n_i = plan.nq if bias_shape[3] > 1 else 1
-  n_j = plan.nk if bias_shape[4] > 1 else 1
-  blk_shape = list(bias_shape)
-  blk_shape[3] = plan.bq if bias_shape[3] > 1 else 1
-  blk_shape[4] = plan.bk if bias_shape[4] > 1 else 1
-  zeros = jnp.zeros(blk_shape, jnp.float32)
-  rows = [jnp.concatenate([blocks.get((i, j), zeros) for j in range(n_j)], axis=4)
-          for i in range(n_i)]
-  return jnp.concatenate(rows, axis=3)
 
 
 # ----------------------------------------------------------------------------- custom vjp
