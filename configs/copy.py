@@ -11,6 +11,11 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The copy-task config; ``arg="smoke"`` shrinks it to a seconds-long run."""
+  return finalize(base_config(), arg)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field, with its meaning (the other task configs start from this one)."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds data, held-out data, dropout and initialisation streams.
   config.plots = True  # Write curves.png and attention_*.png at the end.
@@ -62,16 +67,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.num_sequences = 1000  # Held-out sequences per length bucket.
   config.eval.length_multipliers = (2, 4)  # Extra buckets at these multiples of max_length.
   config.eval.num_attention_examples = 2  # Examples drawn in attention_*.png.
+  config.eval.decode_examples = ()  # Token sequences to decode greedily and print.
+  return config
 
-  if arg == "smoke":
+
+def finalize(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies the variant ``arg`` (None or ``"smoke"``) and locks the config (unknown keys are
+  then an error)."""
+  if arg == "smoke":  # A seconds-long run of a tiny model, for tests and trying things out.
+    config.model.num_layers = 1
+    config.model.d_model = 32
+    config.model.num_heads = 2
+    config.model.mlp_dim = 64
     config.train.num_steps = 20
+    config.train.batch_size = 16
     config.optimizer.warmup_steps = 5
     config.train.log_every = 5
     config.train.eval_every = 10
     config.train.checkpoint_every = 10
-    config.eval.num_sequences = 64
+    config.eval.num_sequences = 32
+    config.eval.length_multipliers = (2,)
     config.eval.num_attention_examples = 1
-    config.plots = True
   elif arg:
     raise ValueError(f"unknown config variant {arg!r}; expected none or 'smoke'")
   config.lock()

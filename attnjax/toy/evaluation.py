@@ -152,7 +152,30 @@ def evaluate(exp: Experiment, params) -> dict[str, Any]:
         row["seen_in_training"] = float(seen.mean())
         row["exact_match_unseen"] = float(unseen.mean()) if unseen.size else None
     results["buckets"][name] = row
+  if cfg.eval.decode_examples:
+    results["decodes"] = [
+        {"input": list(x), "output": decode_example(exp, params, x)}
+        for x in cfg.eval.decode_examples]
   return results
+
+
+def decode_example(exp: Experiment, params, input_tokens) -> list[int]:
+  """Greedy decoding of one input (token ids): the decoder's start token, then the
+  generated tokens up to and including EOS."""
+  task = exp.task.with_lengths(len(input_tokens), len(input_tokens))
+  if task.name == "associative_recall":
+    raise ValueError("decode_examples are for copy-like tasks")
+  batch = {"inputs": jnp.asarray([input_tokens], jnp.int32),
+           "targets": jnp.zeros((1, task.target_len), jnp.int32)}
+  start = int(tasks.encoder_decoder_example(batch)["decoder_inputs"][0, 0])
+  tokens = decoding.greedy_decode(exp.model, params, batch, target_len=task.target_len,
+                                  stop_at_eos=task.has_eos,
+                                  prefill=len(input_tokens) + 1 if exp.config.model.arch
+                                  == "decoder_only" else 0)
+  out = [int(t) for t in np.asarray(tokens[0])]
+  if tasks.EOS in out and task.has_eos:
+    out = out[:out.index(tasks.EOS) + 1]
+  return [start] + out
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -115,13 +115,14 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 class Experiment:
   """Everything derived from a config: task, model, optimizer, mesh and compiled steps."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, devices=None):
+    """Args: config; devices: the mesh's devices (default: every local device)."""
     self.config = config
     self.task = make_task(config)
     self.model = make_model(config, self.task)
     self.format = make_format(self.model)
     self.tx = make_optimizer(config)
-    devices = np.array(jax.devices())
+    devices = np.array(jax.devices() if devices is None else devices)
     if config.train.batch_size % devices.size:
       raise ValueError(f"train.batch_size={config.train.batch_size} is not a multiple of the "
                        f"{devices.size} devices")
@@ -350,6 +351,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   print(evaluation.format_table(results), flush=True)
+  for d in results.get("decodes", ()):
+    print(f"greedy decode: {d['input']} -> {d['output']}", flush=True)
   if config.plots:
     plotting.learning_curves(metrics_path, os.path.join(workdir, "curves.png"))
     plotting.attention_maps(exp, state.params, workdir)
