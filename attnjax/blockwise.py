@@ -234,29 +234,18 @@ def _block(x: Array, axis: int, index, size: int) -> Array:
   return lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
 
 
-def _slice_blocks(plan: _Plan, ex: _Extras, i, j, transposed: bool = False) -> _Extras:
+def _slice_blocks(plan: _Plan, ex: _Extras, i, j) -> _Extras:
   """The rows of query block i and columns of key block j of the per-logit inputs."""
-  t_axis, s_axis = (4, 2) if transposed else (3, 4)
-
   def rows_cols(x):
-    return None if x is None else _block(_block(x, t_axis, i, plan.bq), s_axis, j, plan.bk)
+    return None if x is None else _block(_block(x, 3, i, plan.bq), 4, j, plan.bk)
   return _Extras(bias=rows_cols(ex.bias), mask=rows_cols(ex.mask),
                  q_seg=None if ex.q_seg is None else _block(ex.q_seg, 1, i, plan.bq),
                  kv_seg=None if ex.kv_seg is None else _block(ex.kv_seg, 1, j, plan.bk))
 
 
-def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j,
-            transposed: bool = False):
-  """Hidden-masked float32 logits of block (i, j), and their tanh if soft-capped.
-
-  The logits are [B, K, G, bq, bk], or [B, K, bk, G, bq] if ``transposed`` (then ``ex_blk``
-  comes from extras transposed the same way), the layout whose matmuls XLA:CPU runs fastest in
-  the key-major backward pass.
-  """
-  if transposed:
-    s = jnp.einsum("bksh,bkgqh->bksgq", k_blk, q_blk, preferred_element_type=jnp.float32)
-  else:
-    s = jnp.einsum("bkgqh,bksh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32)
+def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j):
+  """Hidden-masked float32 logits of block (i, j) [B, K, G, bq, bk], and tanh if soft-capped."""
+  s = jnp.einsum("bkgqh,bksh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32)
   s = s * plan.scale
   if ex_blk.bias is not None:
     s = s + ex_blk.bias
@@ -268,12 +257,10 @@ def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j,
   if ex_blk.mask is not None:
     visible.append(ex_blk.mask)
   if ex_blk.q_seg is not None:
-    same = ex_blk.q_seg[:, :, None] == ex_blk.kv_seg[:, None, :]  # [B, bq, bk]
-    visible.append(same.transpose(0, 2, 1)[:, None, :, None] if transposed else same[:, None, None])
+    visible.append((ex_blk.q_seg[:, :, None] == ex_blk.kv_seg[:, None, :])[:, None, None])
   if plan.needs_position_mask(i, j):
-    shape = (plan.bk, 1, plan.bq) if transposed else (plan.bq, plan.bk)
-    q_pos = i * plan.bq + lax.broadcasted_iota(jnp.int32, shape, 2 if transposed else 0)
-    k_pos = j * plan.bk + lax.broadcasted_iota(jnp.int32, shape, 0 if transposed else 1)
+    q_pos = i * plan.bq + lax.broadcasted_iota(jnp.int32, (plan.bq, plan.bk), 0)
+    k_pos = j * plan.bk + lax.broadcasted_iota(jnp.int32, (plan.bq, plan.bk), 1)
     pos = k_pos < plan.S
     if plan.is_causal:
       pos &= k_pos <= q_pos
@@ -364,10 +351,9 @@ def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
 
 
 def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
-  """Gradients (dq5, dk4, dv4, dbias5 or None) in two sweeps: dk and dv with key blocks
-  outside (in the transposed layout), then dq and dbias with query blocks outside. Two sweeps
-  recompute the logits twice but keep every matmul in the layout XLA:CPU runs fast, and
-  accumulate nothing of size T across blocks."""
+  """Gradients (dq5, dk4, dv4, dbias5 or None) in one sweep, key blocks outside (FlashAttention-2).
+  dk and dv are accumulated transposed ([B, K, H, bk]): XLA:CPU multiplies do^T p fast but
+  p^T do slowly."""
   B, K, G, _, H = q5.shape
   unrolled = plan.unrolled()
   # d lse / d logit = p, so the lse cotangent enters like a shift of rowsum(dout * out).
@@ -376,60 +362,49 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
   # A row with no visible key has lse = -inf; +inf makes its probabilities exp(-inf) = 0.
   lse_safe = jnp.where(jnp.isneginf(lse4), jnp.inf, lse4)
 
-  def query_side(i, dependency):
-    return _after(dependency, tuple(_block(x, 3, i, plan.bq) for x in (q5, dout5, lse_safe, delta)),
-                  unrolled)
-
-  def kv_side(j, dependency):
-    return _after(dependency, (_block(k4, 2, j, plan.bk), _block(v4, 2, j, plan.bk)), unrolled)
-
-  def soft_cap_grad(ds, tanh):
-    return ds if tanh is None else ds * (1 - tanh * tanh)
-
-  # Sweep 1: dk, dv. Logits in [B, K, bk, G, bq] (extras transposed once, up front).
-  transpose = lambda x: None if x is None else x.transpose(0, 1, 4, 2, 3)  # noqa: E731
-  ex_t = _Extras(bias=transpose(ex.bias), mask=transpose(ex.mask), q_seg=ex.q_seg,
-                 kv_seg=ex.kv_seg)
-
-  def dkv_step(j, i, carry, shared):
-    q_blk, do_blk, lse_blk, delta_blk = query_side(i, carry)
-    k_blk, v_blk = kv_side(j, carry)
-    ex_blk = _after(carry, _slice_blocks(plan, ex_t, i, j, transposed=True), unrolled)
-    s_t, tanh = _scores(plan, q_blk, k_blk, ex_blk, i, j, transposed=True)
-    p_t = jnp.exp(s_t - lse_blk[:, :, None])
-    dp_t = jnp.einsum("bksh,bkgqh->bksgq", v_blk, do_blk, preferred_element_type=jnp.float32)
-    ds_t = soft_cap_grad(p_t * (dp_t - delta_blk[:, :, None]), tanh).astype(q_blk.dtype)
-    dk, dv = carry
-    dk = dk + jnp.einsum("bksgq,bkgqh->bksh", ds_t, q_blk, preferred_element_type=jnp.float32)
-    dv = dv + jnp.einsum("bksgq,bkgqh->bksh", p_t.astype(do_blk.dtype), do_blk,
-                         preferred_element_type=jnp.float32)
-    return (dk, dv), shared
-
-  zeros_kv = jnp.zeros((B, K, plan.bk, H), jnp.float32)
-  (dk4, dv4), _ = _sweep(plan, plan.nk, plan.q_blocks, lambda: (zeros_kv, zeros_kv), dkv_step,
-                         lambda j, carry: carry, axis=2)
-
-  # Sweep 2: dq, and dbias accumulated into a bias-shaped array.
-  def dq_step(i, j, dq, dbias5):
-    q_blk, do_blk, lse_blk, delta_blk = query_side(i, dq)
-    k_blk, v_blk = kv_side(j, dq)
-    ex_blk = _after(dq, _slice_blocks(plan, ex, i, j), unrolled)
+  def step(j, i, carry, shared):
+    dq5, dbias5 = shared
+    q_blk, do_blk, lse_blk, delta_blk, k_blk, v_blk, ex_blk = _after(carry, (
+        *(_block(x, 3, i, plan.bq) for x in (q5, dout5, lse_safe, delta)),
+        _block(k4, 2, j, plan.bk), _block(v4, 2, j, plan.bk), _slice_blocks(plan, ex, i, j)),
+        unrolled)
     s, tanh = _scores(plan, q_blk, k_blk, ex_blk, i, j)
     p = jnp.exp(s - lse_blk[..., None])
     dp = jnp.einsum("bkgqh,bksh->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
-    ds = soft_cap_grad(p * (dp - delta_blk[..., None]), tanh)
+    ds = p * (dp - delta_blk[..., None])
+    if tanh is not None:
+      ds = ds * (1 - tanh * tanh)
     if dbias5 is not None:
       axes = tuple(a for a in range(5) if dbias5.shape[a] == 1)
       dbias5 = _add_bias_block(dbias5, jnp.sum(ds, axis=axes, keepdims=True), i, j, plan)
-    dq = dq + jnp.einsum("bkgqs,bksh->bkgqh", ds.astype(q_blk.dtype), k_blk,
-                         preferred_element_type=jnp.float32)
-    return dq, dbias5
+    ds = ds.astype(q_blk.dtype)
+    dq = jnp.einsum("bkgqs,bksh->bkgqh", ds, k_blk, preferred_element_type=jnp.float32)
+    dq5 = _add_block(dq5, dq, 3, i, plan.bq)
+    dk_t, dv_t = carry
+    dk_t = dk_t + jnp.einsum("bkgqh,bkgqs->bkhs", q_blk, ds, preferred_element_type=jnp.float32)
+    dv_t = dv_t + jnp.einsum("bkgqh,bkgqs->bkhs", do_blk, p.astype(do_blk.dtype),
+                             preferred_element_type=jnp.float32)
+    return (dk_t, dv_t), (dq5, dbias5)
 
+  zeros_kv = jnp.zeros((B, K, H, plan.bk), jnp.float32)
+  dq5 = {} if unrolled else jnp.zeros(q5.shape, jnp.float32)
   dbias5 = None if ex.bias is None else jnp.zeros(ex.bias.shape, jnp.float32)
-  dq5, dbias5 = _sweep(plan, plan.nq, plan.kv_blocks,
-                       lambda: jnp.zeros((B, K, G, plan.bq, H), jnp.float32), dq_step,
-                       lambda i, dq: dq, axis=3, shared=dbias5)
+  (dk_t, dv_t), (dq5, dbias5) = _sweep(plan, plan.nk, plan.q_blocks, lambda: (zeros_kv, zeros_kv),
+                                       step, lambda j, carry: carry, axis=3, shared=(dq5, dbias5))
+  if unrolled:
+    zeros_q = jnp.zeros((B, K, G, plan.bq, H), jnp.float32)
+    dq5 = jnp.concatenate([dq5.get(i, zeros_q) for i in range(plan.nq)], axis=3)
+  dk4, dv4 = (jnp.swapaxes(x, 2, 3) for x in (dk_t, dv_t))
   return dq5 * plan.scale, dk4 * plan.scale, dv4, dbias5
+
+
+def _add_block(x, update: Array, axis: int, index, size: int):
+  """x with ``update`` added to block ``index`` along ``axis``; x may be a dict of blocks."""
+  if isinstance(x, dict):
+    return {**x, index: x[index] + update if index in x else update}
+  start = index * size
+  current = lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+  return lax.dynamic_update_slice_in_dim(x, current + update, start, axis=axis)
 
 
 def _add_bias_block(dbias5: Array, dbias: Array, i, j, plan: _Plan) -> Array:
