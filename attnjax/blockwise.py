@@ -106,7 +106,12 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: 
     raise ValueError(f"block_q and block_k must be positive, got {block_q} and {block_k}")
   if T == 0 or S == 0:
     return jnp.zeros(q.shape, q.dtype), jnp.full((B, N, T), -jnp.inf, jnp.float32)
-  plan = _Plan(scale=float(scale), is_causal=bool(is_causal),
+  scale = float(scale)
+  # Scaling q is cheaper than scaling every block of logits; in float32, or when the scale is a
+  # power of two, it changes nothing beyond float32 rounding.
+  if q.dtype == jnp.float32 or np.frexp(scale)[0] == 0.5:
+    q, scale = q * jnp.asarray(scale, q.dtype), 1.0
+  plan = _Plan(scale=scale, is_causal=bool(is_causal),
                window=None if window is None else (int(window[0]), int(window[1])),
                soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
                T=T, S=S, G=N // K, bq=bq, bk=bk)
@@ -246,7 +251,8 @@ def _slice_blocks(plan: _Plan, ex: _Extras, i, j) -> _Extras:
 def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j):
   """Hidden-masked float32 logits of block (i, j) [B, K, G, bq, bk], and tanh if soft-capped."""
   s = jnp.einsum("bkgqh,bksh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32)
-  s = s * plan.scale
+  if plan.scale != 1.0:
+    s = s * plan.scale
   if ex_blk.bias is not None:
     s = s + ex_blk.bias
   tanh = None
@@ -274,9 +280,9 @@ def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j):
 
 def _after(dependency, blocks, unrolled: bool):
   """``blocks`` made to depend on ``dependency`` when unrolled. XLA:CPU schedules independent
-  ops breadth-first (every block's logits at once); a data dependency on the previous step
-  (adding zero taken from it) makes it work on one block at a time. Optimisation barriers do not
-  survive its pipeline."""
+  ops breadth-first (every block's logits at once); a data dependency of a matmul operand on
+  the previous step (adding zero taken from it) makes it work on one block at a time.
+  Optimisation barriers do not survive its pipeline."""
   leaves = jax.tree.leaves(dependency)
   if not unrolled or not leaves:
     return blocks
@@ -326,10 +332,9 @@ def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
 
   def step(i, j, carry, shared):
     m, row_sum, acc = carry
-    q_blk, k_blk, v_blk, ex_blk = _after(
-        carry, (_block(q5, 3, i, plan.bq), _block(k4, 2, j, plan.bk), _block(v4, 2, j, plan.bk),
-                _slice_blocks(plan, ex, i, j)), unrolled)
-    s, _ = _scores(plan, q_blk, k_blk, ex_blk, i, j)
+    k_blk = _after(carry, _block(k4, 2, j, plan.bk), unrolled)
+    v_blk = _block(v4, 2, j, plan.bk)
+    s, _ = _scores(plan, _block(q5, 3, i, plan.bq), k_blk, _slice_blocks(plan, ex, i, j), i, j)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.exp(s - m_new[..., None])
     alpha = jnp.exp(m - m_new)
@@ -364,11 +369,11 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
 
   def step(j, i, carry, shared):
     dq5, dbias5 = shared
-    q_blk, do_blk, lse_blk, delta_blk, k_blk, v_blk, ex_blk = _after(carry, (
-        *(_block(x, 3, i, plan.bq) for x in (q5, dout5, lse_safe, delta)),
-        _block(k4, 2, j, plan.bk), _block(v4, 2, j, plan.bk), _slice_blocks(plan, ex, i, j)),
-        unrolled)
-    s, tanh = _scores(plan, q_blk, k_blk, ex_blk, i, j)
+    q_blk, do_blk = _after(carry, (_block(q5, 3, i, plan.bq), _block(dout5, 3, i, plan.bq)),
+                           unrolled)
+    lse_blk, delta_blk = _block(lse_safe, 3, i, plan.bq), _block(delta, 3, i, plan.bq)
+    k_blk, v_blk = _block(k4, 2, j, plan.bk), _block(v4, 2, j, plan.bk)
+    s, tanh = _scores(plan, q_blk, k_blk, _slice_blocks(plan, ex, i, j), i, j)
     p = jnp.exp(s - lse_blk[..., None])
     dp = jnp.einsum("bkgqh,bksh->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
     ds = p * (dp - delta_blk[..., None])
@@ -395,7 +400,9 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
     zeros_q = jnp.zeros((B, K, G, plan.bq, H), jnp.float32)
     dq5 = jnp.concatenate([dq5.get(i, zeros_q) for i in range(plan.nq)], axis=3)
   dk4, dv4 = (jnp.swapaxes(x, 2, 3) for x in (dk_t, dv_t))
-  return dq5 * plan.scale, dk4 * plan.scale, dv4, dbias5
+  if plan.scale != 1.0:
+    dq5, dk4 = dq5 * plan.scale, dk4 * plan.scale
+  return dq5, dk4, dv4, dbias5
 
 
 def _add_block(x, update: Array, axis: int, index, size: int):
