@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.length_multipliers = (2, 4)  # Extra buckets at these multiples of max_length.
   config.eval.num_attention_examples = 2  # Examples drawn in attention_*.png.
   config.eval.decode_examples = ()  # Token sequences to decode greedily and print.
+  config.eval.check_overlap = True  # Look the held-out sequences up in the training stream.
   return config
 
 
@@ -79,6 +80,8 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
     config.model.d_model = 32
     config.model.num_heads = 2
     config.model.mlp_dim = 64
+    config.model.dropout_rate = 0.0  # (dropout's random bits compile slowly)
+    config.model.attention_dropout_rate = 0.0
     config.train.num_steps = 20
     config.train.batch_size = 16
     config.optimizer.warmup_steps = 5

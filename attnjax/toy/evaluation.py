@@ -142,7 +142,7 @@ def evaluate(exp: Experiment, params) -> dict[str, Any]:
     row = {"min_length": task.min_length, "max_length": task.max_length,
            "num_sequences": int(out["exact"].size), **summarize_bucket(out)}
     row.pop("teacher_forced_exact_match")
-    if task.min_length <= exp.task.max_length:
+    if cfg.eval.check_overlap and task.min_length <= exp.task.max_length:
       if seen_rows is None:
         train_inputs = training_inputs(exp, int(cfg.train.num_steps))
         seen_rows = set() if train_inputs is None else set(_rows(train_inputs))

@@ -168,7 +168,7 @@ class Experiment:
       return evaluation.loss_and_metrics(logits, example, self.config.train.label_smoothing)
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return state.apply_gradients(grads=grads), metrics
 
   def eval_batch(self, task: tasks.Task, num: int, stream: int) -> dict[str, jax.Array]:
@@ -200,13 +200,19 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict, exp: Experim
           "Differences: " + "; ".join(diffs))
   step = manager.latest_step()
   if step is not None:
-    saved = manager.item_metadata(step)
-    saved_shapes = jax.tree.map(lambda m: tuple(m.shape), dict(saved["params"]))
-    want = jax.tree.map(lambda s: tuple(s.shape), exp.abstract_state().params)
-    if saved_shapes != want:
+    saved = _shapes(manager.item_metadata(step)["params"])
+    want = _shapes(exp.abstract_state().params)
+    if saved != want:
+      diffs = [f"{k}: {saved.get(k)} saved, {want.get(k)} expected"
+               for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
       raise IncompatibleWorkdirError(
           f"{workdir}: the parameters of checkpoint {step} do not match the model of this "
-          f"config (saved {saved_shapes}, expected {want}); use a new workdir")
+          f"config; use a new workdir. Differences: " + "; ".join(diffs[:5]))
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(dict(tree))[0]
+  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def _all_finite(tree) -> bool:
@@ -264,7 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   exp = Experiment(config)
   ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      max_to_keep=config.train.keep_checkpoints, create=False))
+      max_to_keep=config.train.keep_checkpoints, create=False),
+      item_handlers=ocp.StandardCheckpointHandler())
   _check_workdir(workdir, config, exp, manager)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -1,0 +1,22 @@
+"""Reverse task: an encoder-decoder Transformer learns to reverse 1-16 symbols.
+
+Command:
+  python -m experiments.copy_task --config configs/reverse.py --workdir runs/reverse
+
+Result (2-core CPU, one device): RESULT_PLACEHOLDER
+"""
+
+import ml_collections
+
+from configs import copy
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The reverse-task config; ``arg="smoke"`` shrinks it to a seconds-long run."""
+  config = copy.base_config()
+  config.task.name = "reverse"  # See attnjax/toy/tasks.py for the format.
+  config.model.num_layers = 2  # Layers per stack.
+  config.train.num_steps = 3000  # Training steps.
+  config.train.eval_every = 1000  # Steps between held-out evals.
+  config.train.checkpoint_every = 1000  # Steps between checkpoints.
+  return copy.finalize(config, arg)

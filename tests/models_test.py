@@ -1,0 +1,121 @@
+"""Tests of attnjax.toy.models: causality, padding invariance, sown weights, variants."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnjax.toy import models, tasks
+
+V = 12
+
+
+def _config(**overrides):
+  base = dict(vocab_size=V, num_layers=2, d_model=32, num_heads=4, mlp_dim=64)
+  return models.TransformerConfig(**{**base, **overrides})
+
+
+def _tokens(seed, shape):
+  return jax.random.randint(jax.random.key(seed), shape, tasks.NUM_RESERVED, V)
+
+
+def test_layer_norm_matches_flax():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 16)) * 3.0 + 1.0
+  ours = models.LayerNorm()
+  params = ours.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+  want = nn.LayerNorm(epsilon=1e-6).apply(params, x)
+  np.testing.assert_allclose(ours.apply(params, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "rotary", "none"])
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_decoder_only_is_causal(position, norm):
+  model = models.DecoderOnly(_config(position=position, norm=norm, num_kv_heads=2))
+  tokens = _tokens(0, (2, 9))
+  params = model.init(jax.random.key(1), tokens)["params"]
+  logits = jax.jit(model.apply)({"params": params}, tokens)
+  changed = tokens.at[:, 5:].set(tasks.NUM_RESERVED)
+  logits_changed = model.apply({"params": params}, changed)
+  np.testing.assert_allclose(logits[:, :5], logits_changed[:, :5], rtol=1e-5, atol=1e-5)
+  assert np.abs(logits[:, 5:] - logits_changed[:, 5:]).max() > 1e-3
+
+
+def test_encoder_decoder_ignores_padding_and_is_causal_in_the_decoder():
+  model = models.EncoderDecoder(_config(tie_embeddings=False))
+  inputs = _tokens(0, (2, 7)).at[:, 5:].set(tasks.PAD)
+  decoder_inputs = _tokens(1, (2, 6))
+  params = model.init(jax.random.key(2), inputs, decoder_inputs)["params"]
+  logits = model.apply({"params": params}, inputs, decoder_inputs)
+  # Different padding length, same tokens: same logits.
+  shorter = model.apply({"params": params}, inputs[:, :5], decoder_inputs)
+  np.testing.assert_allclose(logits, shorter, rtol=1e-5, atol=1e-5)
+  # Later decoder tokens do not change earlier logits.
+  changed = model.apply({"params": params}, inputs, decoder_inputs.at[:, 3:].set(5))
+  np.testing.assert_allclose(logits[:, :3], changed[:, :3], rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_without_positions_is_permutation_equivariant():
+  model = models.EncoderDecoder(_config(position="none"))
+  inputs = _tokens(0, (1, 6))
+  decoder_inputs = _tokens(1, (1, 3))
+  params = model.init(jax.random.key(2), inputs, decoder_inputs)["params"]
+  perm = jnp.array([3, 0, 5, 1, 4, 2])
+  encoded = model.apply({"params": params}, inputs, method="encode")
+  encoded_perm = model.apply({"params": params}, inputs[:, perm], method="encode")
+  np.testing.assert_allclose(encoded[:, perm], encoded_perm, rtol=1e-5, atol=1e-5)
+
+
+def test_sown_weights_are_distributions_that_respect_the_masks():
+  model = models.EncoderDecoder(_config())
+  inputs = _tokens(0, (2, 6)).at[1, 4:].set(tasks.PAD)
+  decoder_inputs = _tokens(1, (2, 5))
+  params = model.init(jax.random.key(2), inputs, decoder_inputs)["params"]
+  _, variables = model.apply({"params": params}, inputs, decoder_inputs, sow_weights=True,
+                             mutable=["intermediates"])
+  sown = variables["intermediates"]
+  assert set(sown) == {"encoder", "decoder"}
+  for layer in ("layer_0", "layer_1"):
+    enc = sown["encoder"][layer]["self_attention"]["attention_weights"][0]
+    dec = sown["decoder"][layer]["self_attention"]["attention_weights"][0]
+    cross = sown["decoder"][layer]["cross_attention"]["attention_weights"][0]
+    assert enc.shape == (2, 4, 6, 6) and dec.shape == (2, 4, 5, 5)
+    assert cross.shape == (2, 4, 5, 6)
+    for w in (enc, dec, cross):
+      np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(np.triu(dec, k=1), 0.0)
+    np.testing.assert_array_equal(cross[1, :, :, 4:], 0.0)
+    np.testing.assert_array_equal(enc[1, :, :, 4:], 0.0)
+
+
+def test_tied_embeddings_share_the_table():
+  tokens = _tokens(0, (1, 4))
+  tied = models.DecoderOnly(_config()).init(jax.random.key(0), tokens)["params"]
+  untied = models.DecoderOnly(_config(tie_embeddings=False)).init(
+      jax.random.key(0), tokens)["params"]
+  assert "logits_dense" not in tied and untied["logits_dense"]["kernel"].shape == (32, V)
+
+
+def test_dropout_is_active_only_when_not_deterministic():
+  model = models.DecoderOnly(_config(dropout_rate=0.3, attention_dropout_rate=0.3))
+  tokens = _tokens(0, (2, 6))
+  params = model.init(jax.random.key(1), tokens)["params"]
+  a = model.apply({"params": params}, tokens)
+  b = model.apply({"params": params}, tokens, deterministic=False,
+                  rngs={"dropout": jax.random.key(3)})
+  c = model.apply({"params": params}, tokens, deterministic=False,
+                  rngs={"dropout": jax.random.key(3)})
+  np.testing.assert_array_equal(b, c)
+  assert np.abs(a - b).max() > 1e-3
+
+
+def test_invalid_configs_are_rejected():
+  with pytest.raises(ValueError, match="norm"):
+    _config(norm="sandwich")
+  with pytest.raises(ValueError, match="position"):
+    _config(position="alibi")
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    _config(num_kv_heads=3)
+  with pytest.raises(ValueError, match="arch"):
+    models.make_model("encoder_only", _config())
