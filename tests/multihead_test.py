@@ -1,0 +1,327 @@
+"""Tests for `attnjax.multihead` against Flax's attention with ported weights and NumPy.
+
+Shapes: inputs `[..., T, D]` (keys/values `[..., S, Dkv]`), projected heads `[..., L, N, H]`,
+masks and weights `[..., N, T, S]`, cache `[..., M, K, H]`; True in a mask means attend.
+Test data comes from NumPy: eager `jax.random` calls compile once per shape, which is slow.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import attnjax
+
+F32_TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def normal(seed, shape, scale=1.0, dtype=np.float32):
+  return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(dtype)
+
+
+def random_params(seed, in_features, num_heads, head_dim, dtype=np.float32, **options):
+  """Random parameters (non-zero biases) in the tree of `init_multi_head_attention`."""
+  shapes = jax.eval_shape(functools.partial(
+      attnjax.init_multi_head_attention, in_features=in_features, num_heads=num_heads,
+      head_dim=head_dim, **options), jax.random.key(0))
+  leaves, tree = jax.tree.flatten(shapes)
+  return tree.unflatten([normal(seed + i, a.shape, 0.4, dtype) for i, a in enumerate(leaves)])
+
+
+def random_mask(seed, shape):
+  """A random bool mask where every query row sees at least its first key."""
+  mask = np.random.default_rng(seed).random(shape) < 0.6
+  mask[..., 0] = True
+  return mask
+
+
+def flax_attention(num_heads, head_dim, out_features, use_bias=True):
+  """Flax's module with the shapes of `init_multi_head_attention(..., num_heads, head_dim)`."""
+  return nn.MultiHeadDotProductAttention(
+      num_heads=num_heads, qkv_features=num_heads * head_dim, out_features=out_features,
+      use_bias=use_bias)
+
+
+def numpy_attention(params, inputs_q, inputs_kv, mask=None):
+  """Grouped-query attention in float64 NumPy: each kv head repeated over its query heads."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x_q, x_kv = np.asarray(inputs_q, np.float64), np.asarray(inputs_kv, np.float64)
+  q = np.einsum("...td,dnh->...tnh", x_q, p["query"]["kernel"]) + p["query"]["bias"]
+  k = np.einsum("...sd,dkh->...skh", x_kv, p["key"]["kernel"]) + p["key"]["bias"]
+  v = np.einsum("...sd,dkh->...skh", x_kv, p["value"]["kernel"]) + p["value"]["bias"]
+  groups = q.shape[-2] // k.shape[-2]
+  k, v = np.repeat(k, groups, axis=-2), np.repeat(v, groups, axis=-2)
+  logits = np.einsum("...tnh,...snh->...nts", q, k) / np.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = np.where(mask, logits, -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  heads = np.einsum("...nts,...snh->...tnh", weights, v)
+  return np.einsum("...tnh,nhd->...td", heads, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+# name: (batch shape, T, S, D, Dkv, mask kind, use_bias); Dkv None means self-attention.
+FLAX_CASES = {
+    "self": ((2,), 5, 5, 8, None, None, True),
+    "self_causal_no_batch": ((), 5, 5, 8, None, "causal", True),
+    "self_mask_two_batch_dims": ((2, 3), 5, 5, 8, None, "random", True),
+    "self_mask_no_bias": ((2,), 5, 5, 8, None, "random", False),
+    "cross": ((2,), 5, 7, 8, 6, None, True),
+    "cross_mask_no_batch_no_bias": ((), 5, 7, 8, 6, "random", False),
+    "cross_two_batch_dims": ((3, 2), 5, 7, 8, 6, None, True),
+}
+FLAX_INIT = ("self_causal_no_batch", "self_mask_no_bias", "cross")
+
+
+@pytest.mark.parametrize("name", FLAX_CASES.keys())
+def test_matches_flax_with_params_ported_both_ways(name):
+  batch, T, S, D, Dkv, mask_kind, use_bias = FLAX_CASES[name]
+  N, H = 2, 4
+  x_q = normal(0, batch + (T, D))
+  x_kv = None if Dkv is None else normal(1, batch + (S, Dkv))
+  flax_mask, mask, is_causal = None, None, False
+  if mask_kind == "causal":
+    flax_mask = nn.make_causal_mask(jnp.ones(batch + (T,)), dtype=jnp.bool_)
+    is_causal = True
+  elif mask_kind == "random":
+    flax_mask = mask = random_mask(2, batch + (N, T, S))
+  module = flax_attention(N, H, D, use_bias)
+  ours = functools.partial(attnjax.multi_head_attention, inputs_q=x_q, inputs_kv=x_kv,
+                           mask=mask, is_causal=is_causal, num_heads=N, num_kv_heads=N)
+
+  @jax.jit
+  def run(rng, our_params):
+    # Initialising with flax is slow to compile: only some cases start from its params.
+    all_params = [our_params]
+    if name in FLAX_INIT:
+      all_params.append(module.init(rng, x_q, x_kv)["params"])
+    return [(module.apply({"params": p}, x_q, x_kv, mask=flax_mask), ours(params=p))
+            for p in all_params]
+
+  our_params = random_params(4, D, N, H, kv_features=Dkv, use_bias=use_bias)
+  results = run(jax.random.key(3, impl="rbg"), our_params)  # rbg compiles fast.
+  for expected, out in results:
+    assert out.shape == batch + (T, D)
+    np.testing.assert_allclose(out, expected, **F32_TOL)
+  if name == "self":  # Eagerly too.
+    np.testing.assert_allclose(ours(params=our_params), results[0][0], **F32_TOL)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("Dkv,Dout", [(None, None), (6, None), (6, 10)])
+def test_parameter_tree_is_flaxs(use_bias, Dkv, Dout):
+  D, N, H = 8, 2, 3
+  x_q = jnp.ones((1, 4, D))
+  x_kv = None if Dkv is None else jnp.ones((1, 5, Dkv))
+  module = flax_attention(N, H, Dout, use_bias)
+  expected = jax.eval_shape(module.init, jax.random.key(0), x_q, x_kv)["params"]
+  params = jax.eval_shape(functools.partial(
+      attnjax.init_multi_head_attention, in_features=D, num_heads=N, head_dim=H,
+      kv_features=Dkv, out_features=Dout, use_bias=use_bias), jax.random.key(0))
+  assert jax.tree.structure(params) == jax.tree.structure(expected)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), expected)
+
+
+def test_init_flattens_kernels_like_flax():
+  """With initialisers that ignore the rng, the values are flax's DenseGeneral values."""
+
+  def kernel_init(rng, shape, dtype):
+    del rng  # The value depends on the (flattened) shape only.
+    return (jnp.arange(np.prod(shape), dtype=dtype).reshape(shape) % 7 - 3) / shape[0]
+
+  def bias_init(rng, shape, dtype):
+    del rng
+    return jnp.linspace(-1, 1, np.prod(shape), dtype=dtype).reshape(shape)
+
+  D, Dkv, N, H = 6, 5, 2, 3
+  module = nn.MultiHeadDotProductAttention(num_heads=N, qkv_features=N * H, out_features=4,
+                                           kernel_init=kernel_init, bias_init=bias_init)
+  x_q, x_kv = jnp.ones((2, D)), jnp.ones((3, Dkv))
+  expected = jax.jit(module.init)(jax.random.key(0), x_q, x_kv)["params"]
+  params = jax.jit(functools.partial(
+      attnjax.init_multi_head_attention, in_features=D, num_heads=N, head_dim=H,
+      kv_features=Dkv, out_features=4, kernel_init=kernel_init, bias_init=bias_init))(
+          jax.random.key(1))
+  jax.tree.map(np.testing.assert_array_equal, params, expected)
+
+
+@pytest.mark.parametrize("num_kv_heads", [2, 1])
+@pytest.mark.parametrize("cross", [False, True])
+def test_grouped_query_attention_matches_numpy(num_kv_heads, cross):
+  batch, T, D, N, H = (2,), 5, 8, 4, 2
+  S, Dkv = (7, 6) if cross else (T, D)
+  params = random_params(0, D, N, H, num_kv_heads=num_kv_heads, kv_features=Dkv)
+  x_q = normal(1, batch + (T, D))
+  x_kv = normal(2, batch + (S, Dkv)) if cross else x_q
+  mask = random_mask(3, batch + (1, T, S))
+  arrays = dict(params=params, inputs_q=x_q, inputs_kv=x_kv if cross else None, mask=mask)
+  fn = functools.partial(attnjax.multi_head_attention, num_kv_heads=num_kv_heads)
+  out = jax.jit(fn)(**arrays)
+  np.testing.assert_allclose(out, numpy_attention(params, x_q, x_kv, mask), **F32_TOL)
+  if not cross:
+    causal = jax.jit(functools.partial(fn, is_causal=True))(params, x_q)
+    np.testing.assert_allclose(
+        causal, numpy_attention(params, x_q, x_q, np.tri(T, dtype=bool)), **F32_TOL)
+
+
+def test_head_count_checks_and_bad_widths_raise():
+  params = random_params(0, 8, 4, 2, num_kv_heads=2)
+  x = jnp.ones((3, 8))
+  with pytest.raises(ValueError, match="num_heads=2"):
+    attnjax.multi_head_attention(params, x, num_heads=2)
+  with pytest.raises(ValueError, match="num_kv_heads=4"):
+    attnjax.multi_head_attention(params, x, num_kv_heads=4)
+  with pytest.raises(ValueError, match="inputs_kv"):
+    attnjax.multi_head_attention(params, x, jnp.ones((3, 5)))
+  with pytest.raises(ValueError, match="inputs_q"):
+    attnjax.multi_head_attention(params, jnp.ones((3, 7)))
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    attnjax.init_multi_head_attention(jax.random.key(0), 8, 4, 2, num_kv_heads=3)
+
+
+def rotary_by_hand(params, x_q, x_kv, q_pos, k_pos, max_timescale):
+  """Projects, rotates with `apply_rotary`, then attends with plain einsums (no masks)."""
+  p = params
+  q = jnp.einsum("...td,dnh->...tnh", x_q, p["query"]["kernel"]) + p["query"]["bias"]
+  k = jnp.einsum("...sd,dnh->...snh", x_kv, p["key"]["kernel"]) + p["key"]["bias"]
+  v = jnp.einsum("...sd,dnh->...snh", x_kv, p["value"]["kernel"]) + p["value"]["bias"]
+  q = attnjax.apply_rotary(q, q_pos, max_timescale=max_timescale)
+  k = attnjax.apply_rotary(k, k_pos, max_timescale=max_timescale)
+  logits = jnp.einsum("...tnh,...snh->...nts", q, k) / np.sqrt(q.shape[-1])
+  heads = jnp.einsum("...nts,...snh->...tnh", jax.nn.softmax(logits, axis=-1), v)
+  return jnp.einsum("...tnh,nhd->...td", heads, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+@pytest.mark.parametrize("cross,explicit_positions", [(False, False), (True, True)])
+def test_rotary_equals_rotating_projected_queries_and_keys(cross, explicit_positions):
+  batch, T, D, N, H, max_timescale = (2,), 5, 8, 2, 4, 100.0
+  S, Dkv = (7, 6) if cross else (T, D)
+  params = random_params(0, D, N, H, kv_features=Dkv)
+  x_q = normal(1, batch + (T, D))
+  x_kv = normal(2, batch + (S, Dkv)) if cross else x_q
+  if explicit_positions:
+    q_pos = np.array([[3, 4, 5, 6, 7], [0, 2, 4, 6, 8]])
+    k_pos = np.arange(S)[::-1] * 2 if cross else q_pos
+  else:
+    q_pos, k_pos = np.arange(T), np.arange(S)
+  positions = dict(query_positions=q_pos, key_positions=k_pos) if explicit_positions else {}
+
+  @jax.jit
+  def run(params, x_q, x_kv):
+    by_hand = rotary_by_hand(params, x_q, x_kv, q_pos, k_pos, max_timescale)
+    inputs_kv = x_kv if cross else None
+    out = attnjax.multi_head_attention(params, x_q, inputs_kv, rotary=True,
+                                       rotary_max_timescale=max_timescale, **positions)
+    return by_hand, out, attnjax.multi_head_attention(params, x_q, inputs_kv)
+
+  expected, out, unrotated = run(params, x_q, x_kv)
+  np.testing.assert_allclose(out, expected, **F32_TOL)
+  assert not np.allclose(unrotated, expected, atol=1e-3)
+
+
+def decode(params, x, chunks, max_length, **options):
+  """Feeds `x [..., L, D]` chunk by chunk through a jitted step with a cache."""
+  K, H = params["key"]["kernel"].shape[-2:]
+  cache = attnjax.init_kv_cache(x.shape[:-2], max_length, K, H)
+  step = jax.jit(functools.partial(attnjax.multi_head_attention, **options))
+  outs, start = [], 0
+  for size in chunks:
+    out, cache = step(params, x[..., start:start + size, :], cache=cache)
+    start += size
+    assert int(cache["index"]) == start
+    outs.append(out)
+  return np.concatenate(outs, axis=-2), cache
+
+
+DECODE_CASES = {
+    "rotary_tokens": dict(chunks=[1] * 7, rotary=True),
+    "rotary_chunks_longer_cache": dict(chunks=[3, 2, 2], rotary=True, extra=2),
+    "window_mqa_chunks": dict(chunks=[2, 3, 2], local_window_size=(1, 0), num_kv_heads=1),
+}
+
+
+@pytest.mark.parametrize("case", DECODE_CASES.values(), ids=DECODE_CASES.keys())
+def test_cached_decoding_equals_full_causal_attention(case):
+  case = dict(case)
+  chunks, extra = case.pop("chunks"), case.pop("extra", 0)
+  num_kv_heads = case.pop("num_kv_heads", None)
+  batch, D, N, H, L = (2,), 8, 2, 4, sum(chunks)
+  params = random_params(0, D, N, H, num_kv_heads=num_kv_heads)
+  x = normal(1, batch + (L, D))
+  full = jax.jit(functools.partial(attnjax.multi_head_attention, is_causal=True, **case))
+  out, cache = decode(params, x, chunks, L + extra, **case)
+  np.testing.assert_allclose(out, full(params, x), **F32_TOL)
+  assert cache["key"].shape == batch + (L + extra, num_kv_heads or N, H)
+  # The positions past the filled ones are untouched.
+  assert not np.any(cache["key"][..., L:, :, :]) and not np.any(cache["value"][..., L:, :, :])
+
+
+def test_cached_decoding_returns_weights_over_the_cache():
+  params = random_params(0, 8, 2, 4)
+  x = normal(1, (6, 8))
+  cache = attnjax.init_kv_cache((), 6, 2, 4)
+  fn = jax.jit(functools.partial(attnjax.multi_head_attention, return_weights=True),
+               static_argnames="is_causal")
+  (out, weights), cache = fn(params, x[:4], cache=cache)
+  (last, last_weights), _ = fn(params, x[4:], cache=cache)
+  full, full_weights = fn(params, x, is_causal=True)
+  np.testing.assert_allclose(np.concatenate([out, last]), full, **F32_TOL)
+  assert weights.shape == (2, 4, 6) and last_weights.shape == (2, 2, 6)
+  np.testing.assert_allclose(np.concatenate([weights, last_weights], axis=-2), full_weights,
+                             **F32_TOL)
+
+
+def test_cache_errors():
+  params = random_params(0, 8, 2, 4)
+  cache = attnjax.init_kv_cache((2,), 6, 2, 4)
+  x = jnp.ones((2, 1, 8))
+  with pytest.raises(ValueError, match="do not fit a cache"):
+    attnjax.multi_head_attention(params, jnp.ones((3, 1, 8)), cache=cache)
+  with pytest.raises(ValueError, match="do not fit a cache"):
+    attnjax.multi_head_attention(params, jnp.ones((1, 8)), cache=cache)
+  with pytest.raises(ValueError, match="do not fit a cache"):
+    attnjax.multi_head_attention(params, x, cache=attnjax.init_kv_cache((2,), 6, 1, 4))
+  with pytest.raises(ValueError, match="self-attention"):
+    attnjax.multi_head_attention(params, x, jnp.ones((2, 3, 8)), cache=cache)
+  with pytest.raises(ValueError, match="segment ids"):
+    ids = jnp.zeros((2, 1), jnp.int32)
+    attnjax.multi_head_attention(params, x, cache=cache, q_segment_ids=ids, kv_segment_ids=ids)
+
+
+def test_vmap_over_unbatched_inputs_equals_batched():
+  params = random_params(0, 8, 4, 2, num_kv_heads=2, kv_features=6)
+  x_q, x_kv = normal(1, (3, 5, 8)), normal(2, (3, 7, 6))
+  mask = random_mask(3, (3, 4, 5, 7))
+  fn = functools.partial(attnjax.multi_head_attention, rotary=True)
+  # A stack of models, for vmap over the parameters too (one model per example).
+  stacked = jax.tree.map(lambda a: np.stack([a, 2 * a, -a]), params)
+
+  @jax.jit
+  def run(x_q, x_kv, mask):
+    mapped = jax.vmap(lambda q, kv, m: fn(params, q, kv, mask=m))(x_q, x_kv, mask)
+    per_model = jax.vmap(fn)(stacked, x_q, x_kv)
+    one_by_one = [fn(jax.tree.map(lambda a, i=i: a[i], stacked), x_q[i], x_kv[i])
+                  for i in range(3)]
+    return mapped, fn(params, x_q, x_kv, mask=mask), per_model, jnp.stack(one_by_one)
+
+  mapped, batched, per_model, one_by_one = run(x_q, x_kv, mask)
+  np.testing.assert_allclose(mapped, batched, **F32_TOL)
+  np.testing.assert_allclose(per_model, one_by_one, **F32_TOL)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(is_causal=True, rotary=True, num_kv_heads=1)],
+                         ids=["plain", "causal_rotary_mqa"])
+def test_gradients_match_finite_differences(options):
+  options = dict(options)
+  num_kv_heads = options.pop("num_kv_heads", None)
+  params = random_params(0, 4, 2, 2, np.float64, num_kv_heads=num_kv_heads)
+  x = normal(1, (2, 3, 4), dtype=np.float64)
+  fn = jax.jit(functools.partial(attnjax.multi_head_attention, **options))
+  # float64 inputs, but the core computes logits and softmax in float32: loose tolerances.
+  with jax.enable_x64(True):
+    check_grads(fn, (params, x), order=1, modes=["rev"], eps=1e-3, atol=2e-3, rtol=2e-3)
