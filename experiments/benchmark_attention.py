@@ -11,6 +11,7 @@ fresh Python process that runs one case, plus XLA's temp-buffer size for the com
 """
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -27,8 +28,8 @@ import attnjax
 _QUICK = flags.DEFINE_bool("quick", False, "Only the headline shape.")
 _LONG = flags.DEFINE_bool("long", False, "Add the long-sequence memory cases (slow).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per case (median reported).")
-_OUT = flags.DEFINE_string("out", "benchmark_attention.json", "Where to write the results.")
-_PLOT = flags.DEFINE_string("plot", "benchmark_attention.png", "Where to write the figure.")
+_OUT = flags.DEFINE_string("out", "runs/benchmark_attention.json", "Where to write the results.")
+_PLOT = flags.DEFINE_string("plot", "runs/benchmark_attention.png", "Where to write the figure.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: measure one case (JSON) and exit.")
 
 # (batch, query heads, kv heads, length, head dim, causal, dtype)
@@ -231,6 +232,7 @@ def plot(sweep_rows: list[dict], path: str) -> None:
     ax.grid(alpha=0.3)
   fig.suptitle("Causal attention, batch 1, 8 heads of 64, fp32, CPU")
   fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=120)
 
 
@@ -254,6 +256,7 @@ def main(argv):
     plot(results["sweep"], _PLOT.value)
   if _LONG.value:
     results["long"] = long_cases()
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=1)
   print(f"\nWrote {_OUT.value}" + ("" if _QUICK.value else f" and {_PLOT.value}"))
