@@ -9,26 +9,32 @@ from attnjax.toy import decoding, models, tasks
 
 
 def _recompute_decode(model, params, batch, target_len):
-  """Greedy decoding that reruns the model on the whole prefix at every step, per sequence."""
-  batch = jax.device_get(batch)
-  out = []
-  for b in range(batch["inputs"].shape[0]):
-    if isinstance(model, models.EncoderDecoder):
-      inputs = batch["inputs"][b:b + 1]
-      seq = [tasks.BOS]
-      for _ in range(target_len):
-        logits = model.apply({"params": params}, inputs, jnp.asarray([seq]))
-        seq.append(int(jnp.argmax(logits[0, -1])))
-      out.append(seq[1:])
-    else:
-      x = [int(t) for t in batch["inputs"][b] if t != tasks.PAD]
-      prompt = [tasks.BOS] + x + [tasks.SEP]
-      seq = list(prompt)
-      for _ in range(target_len):
-        logits = model.apply({"params": params}, jnp.asarray([seq]))
-        seq.append(int(jnp.argmax(logits[0, -1])))
-      out.append(seq[len(prompt):])
-  return np.array(out)
+  """Greedy decoding that reruns the uncached model on the whole prefix at every step.
+
+  The prefix sits in a fixed-size buffer padded on the right; the model is causal, so the
+  logits at the prefix's last position do not see the padding.
+  """
+  if isinstance(model, models.EncoderDecoder):
+    forward = jax.jit(lambda dec: model.apply({"params": params}, batch["inputs"], dec))
+    dec = np.zeros((batch["inputs"].shape[0], target_len), np.int32)
+    dec[:, 0] = tasks.BOS
+    out = np.zeros_like(dec)
+    for t in range(target_len):
+      out[:, t] = np.argmax(forward(jnp.asarray(dec))[:, t], axis=-1)
+      if t + 1 < target_len:
+        dec[:, t + 1] = out[:, t]
+    return out
+  example = jax.device_get(tasks.decoder_only_example(batch))
+  prompt = example["prompt_lengths"]
+  L = example["decoder_inputs"].shape[1] + 1
+  seq = np.where(np.arange(L) < prompt[:, None],
+                 np.pad(example["decoder_inputs"], ((0, 0), (0, 1))), tasks.PAD)
+  forward = jax.jit(lambda seq: model.apply({"params": params}, seq))
+  rows = np.arange(seq.shape[0])
+  for t in range(target_len):
+    last = prompt - 1 + t
+    seq[rows, last + 1] = np.argmax(np.asarray(forward(jnp.asarray(seq)))[rows, last], -1)
+  return seq[rows[:, None], prompt[:, None] + np.arange(target_len)]
 
 
 def _model_and_batch(arch, position, name="copy", num_kv_heads=0, norm="pre"):

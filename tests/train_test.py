@@ -194,8 +194,17 @@ DATA_PARALLEL = textwrap.dedent("""
       runs.append((state.params, metrics))
       print(len(exp.mesh.devices.ravel()), "devices, sharding of a batch:",
             jax.jit(exp.sample_train_batch)(0)["inputs"].sharding.num_devices)
-    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+    (params8, metrics8), (params1, metrics1) = runs
+    for name in ("loss", "correct", "grad_norm"):
+      np.testing.assert_allclose(metrics8[name], metrics1[name], rtol=1e-5)
+    flat1 = dict(jax.tree_util.tree_flatten_with_path(params1)[0])
+    for path, a in jax.tree_util.tree_flatten_with_path(params8)[0]:
+      name = jax.tree_util.keystr(path)
+      if "['key']['bias']" in name:
+        # Softmax ignores a per-query constant: this gradient is zero up to rounding,
+        # which Adam's normalisation scales up to a learning-rate-sized step.
+        continue
+      np.testing.assert_allclose(a, flat1[path], rtol=2e-5, atol=2e-6, err_msg=name)
     print("OK")
 """)
 

@@ -215,9 +215,9 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
   return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
-def _all_finite(tree) -> bool:
-  return bool(jax.jit(lambda t: jnp.all(jnp.array(
-      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)])))(tree))
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 class _Progress:
@@ -307,7 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_good = latest
 
   def check_finite(step, sums=None):
-    finite = (sums is None or math.isfinite(float(sums["loss"]))) and _all_finite(state.params)
+    finite = ((sums is None or math.isfinite(float(sums["loss"])))
+              and bool(_all_finite(state.params)))
     if not finite:
       progress.close()
       raise NonFiniteLossError(
