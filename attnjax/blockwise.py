@@ -103,9 +103,11 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: 
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
   default_q, default_k = default_block_sizes(B * N, T, S)
-  bq, bk = block_q or default_q, block_k or default_k
-  if bq < 1 or bk < 1:
+  if (block_q is not None and block_q < 1) or (block_k is not None and block_k < 1):
     raise ValueError(f"block_q and block_k must be positive, got {block_q} and {block_k}")
+  # A block longer than the padded length would only add padding.
+  bq = min(block_q or default_q, _next_pow2(T))
+  bk = min(block_k or default_k, _next_pow2(S))
   if T == 0 or S == 0:
     return jnp.zeros(q.shape, q.dtype), jnp.full((B, N, T), -jnp.inf, jnp.float32)
   scale = float(scale)

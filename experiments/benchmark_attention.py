@@ -226,8 +226,11 @@ def plot(sweep_rows: list[dict], path: str) -> None:
     if rows:
       ax_mem.plot([r["length"] for r in rows], [r["peak_rss_mb"] for r in rows], "o-",
                   label=impl)
+  lengths = sorted({r["length"] for r in sweep_rows})
   for ax, label in ((ax_time, "forward+backward time (ms)"), (ax_mem, "peak RSS (MB)")):
     ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel=label)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.minorticks_off()
     ax.legend()
     ax.grid(alpha=0.3)
   fig.suptitle("Causal attention, batch 1, 8 heads of 64, fp32, CPU")
