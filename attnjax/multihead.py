@@ -167,7 +167,8 @@ def multi_head_attention(
     cache: a cache from :func:`init_kv_cache` for autoregressive self-attention: the T new
       keys and values are written at ``cache["index"]`` and each query attends causally to
       the cache up to its own position (``is_causal`` is implied, segment ids are not
-      supported).
+      supported). The cache must have room for the T new positions: this is checked when
+      the index is concrete; under ``jit`` a write past the end is clamped, not detected.
     return_weights: also return the attention weights ``[..., N, T, S]`` (``S = M`` with a
       cache).
     dtype: computation dtype; defaults to the promotion of inputs and params.
@@ -206,6 +207,9 @@ def multi_head_attention(
       raise ValueError("segment ids are not supported with a key/value cache")
     index = cache["index"]
     T, M = x_q.shape[-2], cache["key"].shape[-3]
+    if not isinstance(index, jax.core.Tracer) and int(index) + T > M:
+      raise ValueError(f"the key/value cache holds {M} positions: {int(index)} are filled and "
+                       f"{T} more do not fit")
     if query_positions is None:
       query_positions = index + jnp.arange(T)
     if rotary:
@@ -215,7 +219,7 @@ def multi_head_attention(
         "value": _write(cache["value"], value, index),
         "index": index + T,
     }
-    key, value = cache["key"], cache["value"]
+    key, value = cache["key"].astype(dtype), cache["value"].astype(dtype)
     q_pos, k_pos = index + jnp.arange(T), jnp.arange(M)
     visible = k_pos[None, :] <= q_pos[:, None]
     if local_window_size is not None:

@@ -3,7 +3,8 @@
 The same modules as :mod:`attnjax.linen`, holding the same parameters under the same names
 (``query``, ``key``, ``value``, ``out``, each with ``kernel`` and ``bias``) and giving the
 same outputs. The attention weights are recorded with ``sow_weights=True`` as an
-``nnx.Intermediate`` named ``attention_weights``; decoding keeps ``nnx.Cache`` variables.
+``nnx.Intermediate`` named ``attention_weights`` (collect them with ``nnx.capture``, e.g.
+``nnx.capture(forward, nnx.Intermediate)``); decoding keeps ``nnx.Cache`` variables.
 
 Shapes: inputs ``[..., T, D]``; attention weights ``[..., N, T, S]``; rotary inputs
 ``[..., L, N, H]``.
@@ -87,6 +88,7 @@ class MultiHeadAttention(nnx.Module):
     self.dropout_rate = dropout_rate
     self.deterministic = deterministic
     self.dtype = dtype
+    self.param_dtype = param_dtype
     self.logits_soft_cap = logits_soft_cap
     self.rotary = rotary
     self.rotary_max_timescale = rotary_max_timescale
@@ -103,8 +105,12 @@ class MultiHeadAttention(nnx.Module):
     self.cached_value: nnx.Cache | None = nnx.data(None)
     self.cache_index: nnx.Cache | None = nnx.data(None)
 
-  def init_cache(self, input_shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> None:
-    """Allocates an empty cache for inputs of ``input_shape = [..., M, D]`` (M positions)."""
+  def init_cache(self, input_shape: tuple[int, ...], dtype: Dtype | None = None) -> None:
+    """Allocates an empty cache for inputs of ``input_shape = [..., M, D]`` (M positions).
+
+    The cache dtype defaults to the module's ``dtype``, else ``param_dtype``.
+    """
+    dtype = dtype or self.dtype or self.param_dtype
     cache = multihead.init_kv_cache(tuple(input_shape[:-2]), input_shape[-2],
                                     self.num_kv_heads, self.head_dim, dtype)
     self.cached_key = nnx.Cache(cache["key"])
