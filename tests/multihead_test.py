@@ -291,6 +291,9 @@ def test_cache_errors():
   with pytest.raises(ValueError, match="segment ids"):
     ids = jnp.zeros((2, 1), jnp.int32)
     attnjax.multi_head_attention(params, x, cache=cache, q_segment_ids=ids, kv_segment_ids=ids)
+  _, full = attnjax.multi_head_attention(params, jnp.ones((2, 5, 8)), cache=cache)
+  with pytest.raises(ValueError, match="5 are filled and 2 more do not fit"):
+    attnjax.multi_head_attention(params, jnp.ones((2, 2, 8)), cache=full)
 
 
 def test_vmap_over_unbatched_inputs_equals_batched():

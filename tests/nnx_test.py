@@ -8,6 +8,7 @@ from NumPy (eager `jax.random` compiles once per shape) and modules run under `n
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -174,6 +175,17 @@ def test_decode_in_chunks_equals_full_causal_attention():
   assert module.cached_key[...].shape == (2, 6, 1, 4)
   full = jax.jit(functools.partial(attnjax.multi_head_attention, is_causal=True, rotary=True))
   np.testing.assert_allclose(np.concatenate(outs, axis=1), full(params, x), **F32_TOL)
+
+
+def test_decode_in_bfloat16_keeps_a_bfloat16_cache():
+  x = normal(0, (2, 3, 8))
+  module = attn_nnx.MultiHeadAttention(8, 2, dtype=jnp.bfloat16, decode=True, rngs=nnx.Rngs(0))
+  module.init_cache(x.shape)
+  step = nnx.jit(lambda m, x: m(x))
+  outs = [step(module, x[:, i:i + 1]) for i in range(3)]
+  assert module.cached_key[...].dtype == jnp.bfloat16 and outs[-1].dtype == jnp.bfloat16
+  full = attnjax.multi_head_attention(module.params_dict(), x, is_causal=True)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1).astype(np.float32), full, atol=3e-2)
 
 
 def test_decode_matches_flax_nnx_decode():
