@@ -8,7 +8,10 @@ Adam(0.9, 0.98, eps 1e-9) under the Noam schedule (factor 1, warmup 400); batch 
 Command:
   python -m experiments.copy_task --config configs/annotated_copy.py --workdir runs/annotated
 
-Result (2-core CPU): RESULT_PLACEHOLDER
+Result (2-core CPU): held-out loss per token after each 20-step
+"epoch" 1.97, 1.60, 1.12, 0.83, 0.46, 0.26, 0.30, 0.11, 0.15, 0.15 (published: 1.93, 1.66,
+1.49, 1.35, 0.99, 0.57, 0.34, 0.26, 0.43, 0.27); greedy decoding of 1..10 gives 1..10; exact
+match 0.65 on 1,000 held-out sequences after 200 steps. 318 s of wall time (loaded machine).
 """
 
 import ml_collections

@@ -3,7 +3,13 @@
 Command:
   python -m experiments.copy_task --config configs/copy.py --workdir runs/copy
 
-Result (2-core CPU, one device): RESULT_PLACEHOLDER
+Result (2-core CPU, one device): greedy exact match 1.000 on 1,000 held-out
+sequences of lengths 1-16 (token accuracy 1.000; 21% of them, the short ones, also occur in
+the training stream, and the exact match on the other 79% is 1.000); exact match 0.000 at
+lengths 32 and 64 (token accuracy 0.48 and 0.21: sinusoidal positions do not extrapolate).
+The whole command takes 31 s of wall time (load average 3 from other jobs; 42 s at load 4-5):
+about 10 s of start-up and compilation, 1,000 steps at up to 80 steps/s, 8 s of evaluation
+and 4 s of figures. Held-out exact match is 0.97 at step 500.
 """
 
 import ml_collections

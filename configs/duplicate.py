@@ -3,7 +3,9 @@
 Command:
   python -m experiments.copy_task --config configs/duplicate.py --workdir runs/duplicate
 
-Result (2-core CPU, one device): RESULT_PLACEHOLDER
+Result (2-core CPU, one device): greedy exact match 1.000 on 1,000 held-out
+sequences of lengths 1-16 (1.000 on the 75% not seen in training); 0.000 at lengths 32 and
+64 (token accuracy 0.38 and 0.21). 595 s of wall time on a machine loaded by other jobs.
 """
 
 import ml_collections

@@ -3,7 +3,9 @@
 Command:
   python -m experiments.copy_task --config configs/reverse.py --workdir runs/reverse
 
-Result (2-core CPU, one device): RESULT_PLACEHOLDER
+Result (2-core CPU, one device): greedy exact match 1.000 on 1,000 held-out
+sequences of lengths 1-16 (1.000 on the 75% not seen in training); 0.000 at lengths 32 and
+64 (token accuracy 0.14 and 0.11). 366 s of wall time on a machine loaded by other jobs.
 """
 
 import ml_collections
