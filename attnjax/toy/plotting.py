@@ -33,8 +33,9 @@ def learning_curves(metrics_path: str, out_path: str) -> None:
               for r in records if f"{split}_loss" in r]
     if points:
       step, loss, acc = zip(*points, strict=True)
-      ax_loss.plot(step, loss, label=split)
-      ax_acc.plot(step, acc, label=split)
+      style = {"marker": "o", "markersize": 3} if split == "eval" else {}
+      ax_loss.plot(step, loss, label=split, **style)
+      ax_acc.plot(step, acc, label=split, **style)
   ax_loss.set(xlabel="step", ylabel="loss per target token", yscale="log")
   ax_acc.set(xlabel="step", ylabel="token accuracy (teacher forced)", ylim=(0, 1.01))
   for ax in (ax_loss, ax_acc):
