@@ -117,9 +117,10 @@ def test_matches_dense_eagerly():
   np.testing.assert_allclose(lse_b, lse_d, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("case", ["causal", "mask_bias_cap"])
-def test_bfloat16(case):
-  args, opts = _problem(**CASES[case], dtype=jnp.bfloat16)
+@pytest.mark.parametrize("case,head_dim", [("causal", 12), ("mask_bias_cap", 16)])
+def test_bfloat16(case, head_dim):
+  # Head dim 12: a scale that is not a power of two stays on the logits instead of q.
+  args, opts = _problem(**CASES[case], H=head_dim, dtype=jnp.bfloat16)
   _compare(args, opts, tol=2e-2)
 
 
