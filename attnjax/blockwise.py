@@ -11,10 +11,12 @@ blocks it can see with a running max and sum (online softmax), so memory is line
 length: nothing of size T x S is formed unless the caller passes a full-size bias or mask.
 Blocks that causality or the local window hide entirely are never visited, so causal
 attention does about half the work of full attention. The backward pass (``jax.custom_vjp``)
-keeps only q, k, v, out and lse and recomputes each block's probabilities from lse.
+keeps only q, k, v, out and lse, and in one sweep over key blocks recomputes each block's
+probabilities from lse (five matmuls per block).
 
-Small problems run as a Python-unrolled static loop (XLA:CPU's loop overhead is high and
-block ranges are then static); large ones run as ``lax`` loops with the same block body.
+Up to 16 block pairs run as a Python-unrolled loop with static block ranges and masks applied
+only to the blocks that need them; more run as ``lax`` loops with the same block body (as fast
+on CPU with blocks of ~1M logits, and much quicker to compile).
 
 Numerics follow ``attnjax.attention``: logits and softmax in float32, masked logits get a
 large finite negative, a query row with no visible key returns zeros and zero gradients, and
@@ -62,8 +64,8 @@ def default_block_sizes(batch_heads: int, q_len: int, kv_len: int,
   """
   backend = backend or jax.default_backend()
   if backend == "cpu":
-    # Keep one block of logits for all batch * heads near 1M floats: it stays in cache and a
-    # block op is big enough to amortise XLA:CPU's per-op cost.
+    # Keep one block of logits for all batch * heads near 1M floats (4 MB): it stays in the
+    # last-level cache, and each block op is big enough to amortise XLA:CPU's per-op cost.
     side = int(np.sqrt(2 ** 20 / max(batch_heads, 1)))
     block = 1 << max(7, min(10, side.bit_length() - 1))
   else:  # Untested: there is no GPU or TPU on the machines this was tuned on.
@@ -87,7 +89,7 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: 
     v: value ``[B, S, K, H]``, same dtype as ``q``.
     bias: None or float32 ``[B|1, N|1, T|1, S|1]`` added to the scaled logits.
     mask: None or bool ``[B|1, N|1, T|1, S|1]``, True where the query may attend.
-    scale: Python float multiplying q.k.
+    scale: Python float multiplying q.k (a traced scale is not supported).
     is_causal: key j is visible to query i iff j <= i (top-left aligned).
     window: None or (left, right): key j is visible to query i iff i - left <= j <= i + right.
     q_segment_ids: None or int32 ``[B, T]``; a key is visible iff its segment id is equal.
