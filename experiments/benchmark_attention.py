@@ -103,19 +103,21 @@ def runner(impl: str, shape, mode: str):
   return (lambda *a: jax.block_until_ready(compiled(*a))), args, compiled
 
 
-def time_case(impl: str, shape, mode: str, repeats: int) -> float | None:
-  """Median seconds per call after one warm-up call."""
-  r = runner(impl, shape, mode)
-  if r is None:
-    return None
-  run, args, _ = r
-  run(*args)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+def time_cases(impls, shape, mode: str, repeats: int) -> dict:
+  """Median seconds per call of each implementation (None if unavailable), after a warm-up.
+  The implementations take turns within each repeat, so a busy machine slows all alike."""
+  runners = {impl: runner(impl, shape, mode) for impl in impls}
+  times = {impl: [] for impl, r in runners.items() if r is not None}
+  for impl in times:
+    run, args, _ = runners[impl]
     run(*args)
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  for _ in range(repeats):
+    for impl in times:
+      run, args, _ = runners[impl]
+      start = time.perf_counter()
+      run(*args)
+      times[impl].append(time.perf_counter() - start)
+  return {impl: statistics.median(times[impl]) if impl in times else None for impl in impls}
 
 
 def measure_child(spec: dict) -> dict:
@@ -168,8 +170,8 @@ def benchmark_shapes(shapes, repeats: int) -> list[dict]:
     print(f"\n{describe(shape)}")
     print(f"  {'implementation':20s} {'fwd ms':>9s} {'GFLOP/s':>8s} {'x jax.nn':>8s}"
           f" {'fwd+bwd ms':>11s} {'GFLOP/s':>8s} {'x jax.nn':>8s}")
-    results = {impl: {m: time_case(impl, shape, m, repeats) for m in ("fwd", "fwd+bwd")}
-               for impl in IMPLS}
+    by_mode = {m: time_cases(IMPLS, shape, m, repeats) for m in ("fwd", "fwd+bwd")}
+    results = {impl: {m: by_mode[m][impl] for m in by_mode} for impl in IMPLS}
     for impl, times in results.items():
       row = dict(shape=describe(shape), impl=impl)
       cells = []
@@ -192,8 +194,8 @@ def sweep(repeats: int) -> list[dict]:
   print("\nLength sweep (causal, B1 N8 H64, fp32): forward+backward")
   rows = []
   for shape in SWEEP:
-    for impl in ("attnjax:xla", "attnjax:blockwise", "jax.nn", "torch"):
-      seconds = time_case(impl, shape, "fwd+bwd", repeats)
+    impls = ("attnjax:xla", "attnjax:blockwise", "jax.nn", "torch")
+    for impl, seconds in time_cases(impls, shape, "fwd+bwd", repeats).items():
       if seconds is None:
         continue
       memory = measure_memory(impl, shape, "fwd+bwd") if impl != "torch" else {}
