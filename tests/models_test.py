@@ -29,8 +29,8 @@ def test_layer_norm_matches_flax():
   np.testing.assert_allclose(ours.apply(params, x), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("position", ["sinusoidal", "rotary", "none"])
-@pytest.mark.parametrize("norm", ["pre", "post"])
+@pytest.mark.parametrize("position, norm", [
+    ("sinusoidal", "pre"), ("rotary", "post"), ("none", "pre")])
 def test_decoder_only_is_causal(position, norm):
   model = models.DecoderOnly(_config(position=position, norm=norm, num_kv_heads=2))
   tokens = _tokens(0, (2, 9))
