@@ -316,6 +316,7 @@ def init_params(model: nn.Module, key: Array, example: dict[str, Array]):
 
 
 def apply_init(model: nn.Module, key: Array, example: dict[str, Array]):
+  """Like :func:`init_params`, unjitted (to call inside another jitted function)."""
   if isinstance(model, EncoderDecoder):
     return model.init(key, example["inputs"], example["decoder_inputs"])["params"]
   return model.init(key, example["decoder_inputs"])["params"]
