@@ -105,19 +105,33 @@ def runner(impl: str, shape, mode: str):
 
 def time_cases(impls, shape, mode: str, repeats: int) -> dict:
   """Median seconds per call of each implementation (None if unavailable), after a warm-up.
-  The implementations take turns within each repeat, so a busy machine slows all alike."""
+
+  The JAX implementations take turns within each repeat, so a busy machine slows them alike.
+  PyTorch runs on its own afterwards: its OpenMP threads spin for a while after each call and
+  would slow whatever runs next.
+  """
   runners = {impl: runner(impl, shape, mode) for impl in impls}
-  times = {impl: [] for impl, r in runners.items() if r is not None}
-  for impl in times:
+  available = [impl for impl, r in runners.items() if r is not None]
+  times = {impl: [] for impl in available}
+
+  def timed(impl):
     run, args, _ = runners[impl]
+    start = time.perf_counter()
     run(*args)
+    times[impl].append(time.perf_counter() - start)
+
+  turns = [impl for impl in available if impl != "torch"]
+  for impl in turns:
+    timed(impl)
   for _ in range(repeats):
-    for impl in times:
-      run, args, _ = runners[impl]
-      start = time.perf_counter()
-      run(*args)
-      times[impl].append(time.perf_counter() - start)
-  return {impl: statistics.median(times[impl]) if impl in times else None for impl in impls}
+    for impl in turns:
+      timed(impl)
+  if "torch" in available:
+    for _ in range(repeats + 1):
+      timed("torch")
+    time.sleep(1.0)  # let its threads go idle
+  return {impl: statistics.median(times[impl][-repeats:]) if impl in times else None
+          for impl in impls}
 
 
 def measure_child(spec: dict) -> dict:
