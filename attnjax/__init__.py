@@ -4,7 +4,7 @@ Pure functions for scaled dot-product attention, masks and position encodings; t
 modules in ``attnjax.linen`` and ``attnjax.nnx``.
 """
 
-from attnjax import masks, positional
+from attnjax import blockwise, masks, positional
 from attnjax.attention import attention_weights, dot_product_attention, merge_attention
 from attnjax.masks import (
     causal_mask,
@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "apply_rotary",
     "attention_weights",
+    "blockwise",
     "causal_mask",
     "combine_masks",
     "dot_product_attention",

@@ -649,3 +649,32 @@ def test_bad_input_raises_at_trace_time_naming_the_argument(overrides, options, 
   message = str(raised.value)
   assert any(name in message for name in names), message
   assert not got or any(text in message for text in got), message
+
+
+def _uses_blockwise(**kwargs):
+  q = jnp.zeros((1, kwargs.pop("T"), 2, 8))
+  k = jnp.zeros((1, kwargs.pop("S"), 2, 8))
+  jaxpr = jax.make_jaxpr(lambda q, k: attnjax.dot_product_attention(q, k, k, **kwargs))(q, k)
+  return "custom_vjp" in str(jaxpr)
+
+
+def test_default_implementation_dispatch_on_cpu():
+  assert not _uses_blockwise(T=8, S=128)
+  assert _uses_blockwise(T=8, S=256)
+  assert _uses_blockwise(T=300, S=300, is_causal=True)
+  assert not _uses_blockwise(T=300, S=300, return_weights=True)
+  assert not _uses_blockwise(T=300, S=300, dropout_rate=0.1, dropout_rng=jax.random.key(0))
+  assert not _uses_blockwise(T=8, S=300, implementation="xla")
+  assert _uses_blockwise(T=8, S=8, implementation="blockwise")
+
+
+def test_block_sizes_and_static_scale_for_blockwise():
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 37, 4, 8)), jnp.float32) for _ in range(3))
+  ref = attnjax.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+  out = attnjax.dot_product_attention(q, k, v, is_causal=True, implementation="blockwise",
+                                      block_sizes=(16, 8))
+  np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="static scale"):
+    jax.jit(lambda s: attnjax.dot_product_attention(q, k, v, scale=s,
+                                                    implementation="blockwise"))(0.5)
