@@ -12,6 +12,8 @@ Result (2-core CPU): held-out loss per token after each 20-step
 "epoch" 1.97, 1.60, 1.12, 0.83, 0.46, 0.26, 0.30, 0.11, 0.15, 0.15 (published: 1.93, 1.66,
 1.49, 1.35, 0.99, 0.57, 0.34, 0.26, 0.43, 0.27); greedy decoding of 1..10 gives 1..10; exact
 match 0.65 on 1,000 held-out sequences after 200 steps. 318 s of wall time (loaded machine).
+With --config.model.norm=post (the paper's LayerNorm placement): 1.88, 1.75, 1.69, 1.48,
+1.07, 0.75, 0.43, 0.48, 0.41, 0.35, exact match 0.35, and 1..10 also decodes to 1..10.
 """
 
 import ml_collections
