@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import Array
+from jax import Array, lax
 from jax.typing import ArrayLike
 
 from attnjax import blockwise
@@ -187,7 +187,7 @@ def attention_weights(
   key = jnp.asarray(key)
   c = _canonicalize(query, key, key, bias, mask, is_causal, scale, local_window_size,
                     q_segment_ids, kv_segment_ids, logits_soft_cap)
-  probs, _, _ = _probabilities(c)
+  probs, _ = _probabilities(c)
   return probs.reshape(c.batch_shape + probs.shape[1:])
 
 
@@ -251,7 +251,7 @@ def _choose_implementation(c: _Canonical, dropout_rate: float, return_weights: b
 
 def _dense(c: _Canonical, dropout_rate: float, dropout_rng: Array | None):
   """Dense attention on canonical inputs: (out [B,T,N,H], weights [B,N,T,S], lse [B,N,T])."""
-  probs, lse, _ = _probabilities(c)
+  probs, lse = _probabilities(c)
   B, T, N, H = c.q.shape
   K = c.k.shape[2]
   p = probs
@@ -264,7 +264,7 @@ def _dense(c: _Canonical, dropout_rate: float, dropout_rng: Array | None):
 
 
 def _probabilities(c: _Canonical):
-  """Softmax weights [B,N,T,S], log-sum-exp [B,N,T] and visibility of canonical inputs."""
+  """Softmax weights [B,N,T,S] and log-sum-exp [B,N,T] of canonical inputs."""
   B, T, N, H = c.q.shape
   S, K = c.k.shape[1], c.k.shape[2]
   q_BTKGH = c.q.reshape(B, T, K, N // K, H)
@@ -275,14 +275,18 @@ def _probabilities(c: _Canonical):
   if c.logits_soft_cap is not None:
     logits = c.logits_soft_cap * jnp.tanh(logits / c.logits_soft_cap)
   visible = _visibility(c)
-  if visible is None:
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    return jax.nn.softmax(logits, axis=-1), lse, None
-  logits = jnp.where(visible, logits, MASK_VALUE)
-  any_visible = jnp.any(jnp.broadcast_to(visible, logits.shape), axis=-1)
-  probs = jnp.where(any_visible[..., None], jax.nn.softmax(logits, axis=-1), 0.0)
-  lse = jnp.where(any_visible, jax.nn.logsumexp(logits, axis=-1), -jnp.inf)
-  return probs, lse, visible
+  if visible is not None:
+    logits = jnp.where(visible, logits, MASK_VALUE)
+  # Softmax with its max and sum shared with the log-sum-exp. A row whose largest logit is a
+  # masked one (or -inf) sees no key: its probabilities are 0 and its lse is -inf.
+  row_max = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  empty = row_max <= MASK_VALUE / 2
+  row_max = jnp.where(empty, 0.0, row_max)
+  unnormalized = jnp.exp(logits - row_max)
+  total = jnp.where(empty, 1.0, jnp.sum(unnormalized, axis=-1, keepdims=True))
+  probs = jnp.where(empty, 0.0, unnormalized / total)
+  lse = jnp.where(empty, -jnp.inf, row_max + jnp.log(total))[..., 0]
+  return probs, lse
 
 
 def _visibility(c: _Canonical) -> Array | None:
