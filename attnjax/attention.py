@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import Array, lax
+from jax import Array
 from jax.typing import ArrayLike
 
 from attnjax import blockwise
@@ -277,15 +277,13 @@ def _probabilities(c: _Canonical):
   visible = _visibility(c)
   if visible is not None:
     logits = jnp.where(visible, logits, MASK_VALUE)
-  # Softmax with its max and sum shared with the log-sum-exp. A row whose largest logit is a
-  # masked one (or -inf) sees no key: its probabilities are 0 and its lse is -inf.
-  row_max = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  empty = row_max <= MASK_VALUE / 2
-  row_max = jnp.where(empty, 0.0, row_max)
-  unnormalized = jnp.exp(logits - row_max)
-  total = jnp.where(empty, 1.0, jnp.sum(unnormalized, axis=-1, keepdims=True))
-  probs = jnp.where(empty, 0.0, unnormalized / total)
-  lse = jnp.where(empty, -jnp.inf, row_max + jnp.log(total))[..., 0]
+  if c.bias is not None:  # A -inf bias hides a key like a mask does.
+    logits = jnp.maximum(logits, MASK_VALUE)
+  # A row whose largest logit is a masked one sees no key: its weights are 0, its lse -inf.
+  # (jax.nn.softmax keeps only its output for the backward pass.)
+  empty = jnp.max(logits, axis=-1) <= MASK_VALUE / 2
+  probs = jnp.where(empty[..., None], 0.0, jax.nn.softmax(logits, axis=-1))
+  lse = jnp.where(empty, -jnp.inf, jax.nn.logsumexp(logits, axis=-1))
   return probs, lse
 
 
