@@ -678,3 +678,15 @@ def test_block_sizes_and_static_scale_for_blockwise():
   with pytest.raises(ValueError, match="static scale"):
     jax.jit(lambda s: attnjax.dot_product_attention(q, k, v, scale=s,
                                                     implementation="blockwise"))(0.5)
+
+
+def test_minus_inf_bias_hides_keys_like_a_mask():
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, 1, 4)), jnp.float32) for _ in range(3))
+  hidden = np.array([[False, True, False], [True, True, True], [False, False, False]])
+  bias = jnp.where(hidden, -jnp.inf, 0.0)
+  fn = functools.partial(attnjax.dot_product_attention, implementation="xla")
+  np.testing.assert_allclose(fn(q, k, v, bias=bias), fn(q, k, v, mask=~hidden), atol=1e-6)
+  assert not np.any(fn(q, k, v, bias=bias)[1])
+  grads = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, bias=bias) ** 2), (0, 1, 2))(q, k, v)
+  assert all(np.all(np.isfinite(g)) for g in grads)
