@@ -145,23 +145,18 @@ class MultiHeadAttention(nn.Module):
         cache = {"key": cached_key.value, "value": cached_value.value,
                  "index": cache_index.value}
 
-    result = multihead.multi_head_attention(
-        params, inputs_q, inputs_kv, mask=mask, bias=bias, is_causal=is_causal,
+    out, weights, cache = _attend(
+        self, params, inputs_q, inputs_kv, cache=cache, dropout_rng=dropout_rng,
+        sow_weights=sow_weights, mask=mask, bias=bias, is_causal=is_causal,
         local_window_size=local_window_size, q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids, logits_soft_cap=self.logits_soft_cap,
-        rotary=self.rotary, rotary_max_timescale=self.rotary_max_timescale,
-        query_positions=query_positions, key_positions=key_positions, cache=cache,
-        dropout_rate=self.dropout_rate if dropout_rng is not None else 0.0,
-        dropout_rng=dropout_rng, return_weights=sow_weights, dtype=self.dtype,
-        implementation=self.implementation)
+        kv_segment_ids=kv_segment_ids, query_positions=query_positions,
+        key_positions=key_positions)
     if cache is not None:
-      result, cache = result
       cached_key.value, cached_value.value = cache["key"], cache["value"]
       cache_index.value = cache["index"]
     if sow_weights:
-      result, weights = result
       self.sow("intermediates", "attention_weights", weights)
-    return result
+    return out
 
 
 class SinusoidalPositionEmbedding(nn.Module):
@@ -199,6 +194,24 @@ class RotaryPositionEmbedding(nn.Module):
     positions = jnp.arange(x.shape[-3]) if positions is None else positions
     return positional.apply_rotary(x, positions, max_timescale=self.max_timescale,
                                    layout=self.layout)
+
+
+def _attend(module, params, inputs_q, inputs_kv, *, cache, dropout_rng, sow_weights, **options):
+  """:func:`attnjax.multi_head_attention` with the options held by a Linen or NNX module.
+
+  Returns:
+    ``(out, weights or None, new cache or None)``.
+  """
+  result = multihead.multi_head_attention(
+      params, inputs_q, inputs_kv, logits_soft_cap=module.logits_soft_cap,
+      rotary=module.rotary, rotary_max_timescale=module.rotary_max_timescale, cache=cache,
+      dropout_rate=module.dropout_rate if dropout_rng is not None else 0.0,
+      dropout_rng=dropout_rng, return_weights=sow_weights, dtype=module.dtype,
+      implementation=module.implementation, **options)
+  if cache is not None:
+    result, cache = result
+  out, weights = result if sow_weights else (result, None)
+  return out, weights, cache
 
 
 def _head_dim(head_dim: int | None, in_features: int, num_heads: int) -> int:

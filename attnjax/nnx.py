@@ -166,24 +166,19 @@ class MultiHeadAttention(nnx.Module):
       cache = {"key": self.cached_key[...], "value": self.cached_value[...],
                "index": self.cache_index[...]}
 
-    result = multihead.multi_head_attention(
-        self.params_dict(), inputs_q, inputs_kv, mask=mask, bias=bias, is_causal=is_causal,
+    out, weights, cache = linen._attend(
+        self, self.params_dict(), inputs_q, inputs_kv, cache=cache, dropout_rng=dropout_rng,
+        sow_weights=sow_weights, mask=mask, bias=bias, is_causal=is_causal,
         local_window_size=local_window_size, q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids, logits_soft_cap=self.logits_soft_cap,
-        rotary=self.rotary, rotary_max_timescale=self.rotary_max_timescale,
-        query_positions=query_positions, key_positions=key_positions, cache=cache,
-        dropout_rate=self.dropout_rate if dropout_rng is not None else 0.0,
-        dropout_rng=dropout_rng, return_weights=sow_weights, dtype=self.dtype,
-        implementation=self.implementation)
+        kv_segment_ids=kv_segment_ids, query_positions=query_positions,
+        key_positions=key_positions)
     if cache is not None:
-      result, cache = result
       self.cached_key[...] = cache["key"]
       self.cached_value[...] = cache["value"]
       self.cache_index[...] = cache["index"]
     if sow_weights:
-      result, weights = result
       self.sow(nnx.Intermediate, "attention_weights", weights)
-    return result
+    return out
 
 
 class SinusoidalPositionEmbedding(nnx.Module):
