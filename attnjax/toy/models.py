@@ -226,6 +226,13 @@ def _key_padding_mask(tokens: Array) -> Array:
   return (tokens != PAD)[:, None, None, :]
 
 
+def _output_logits(model: nn.Module, embed: nn.Module, y: Array) -> Array:
+  """Logits ``[B, L, V]``: the tied input embedding, or the model's own output layer."""
+  if model.config.tie_embeddings:
+    return embed.attend(y)
+  return model.logits_dense(y)
+
+
 class EncoderDecoder(nn.Module):
   """Encoder-decoder Transformer (Vaswani et al. 2017).
 
@@ -260,9 +267,7 @@ class EncoderDecoder(nn.Module):
     y = self.decoder_embed(decoder_inputs, deterministic=deterministic)
     y = self.decoder(y, mask=None, encoded=encoded, cross_mask=_key_padding_mask(inputs),
                      deterministic=deterministic, sow_weights=sow_weights)
-    if self.config.tie_embeddings:
-      return self.decoder_embed.attend(y)
-    return self.logits_dense(y)
+    return _output_logits(self, self.decoder_embed, y)
 
   def __call__(self, inputs: Array, decoder_inputs: Array, *, deterministic: bool = True,
                sow_weights: bool = False) -> Array:
@@ -287,9 +292,7 @@ class DecoderOnly(nn.Module):
                sow_weights: bool = False) -> Array:
     y = self.embed(decoder_inputs, deterministic=deterministic)
     y = self.decoder(y, mask=None, deterministic=deterministic, sow_weights=sow_weights)
-    if self.config.tie_embeddings:
-      return self.embed.attend(y)
-    return self.logits_dense(y)
+    return _output_logits(self, self.embed, y)
 
 
 ARCHITECTURES = {"encoder_decoder": EncoderDecoder, "decoder_only": DecoderOnly}
