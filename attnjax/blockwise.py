@@ -12,11 +12,13 @@ length: nothing of size T x S is formed unless the caller passes a full-size bia
 Blocks that causality or the local window hide entirely are never visited, so causal
 attention does about half the work of full attention. The backward pass (``jax.custom_vjp``)
 keeps only q, k, v, out and lse, and in one sweep over key blocks recomputes each block's
-probabilities from lse (five matmuls per block).
+probabilities from lse (five matmuls per block), adding each block's gradients in place.
 
-Up to 16 block pairs run as a Python-unrolled loop with static block ranges and masks applied
-only to the blocks that need them; more run as ``lax`` loops with the same block body (as fast
-on CPU with blocks of ~1M logits, and much quicker to compile).
+Blocks are cut from the caller's [B, T, N, H] layout, and each block matmul transposes only
+its own operands, so no transposed copy of q, k, v or the gradients is ever held. Up to 36
+block pairs run as a Python-unrolled loop with static block ranges and masks applied only to
+the blocks that need them; on CPU the outer blocks are dealt to one chain per core, which XLA
+runs side by side. More pairs run as ``lax`` loops with the same block body.
 
 Numerics follow ``attnjax.attention``: logits and softmax in float32, masked logits get a
 large finite negative, a query row with no visible key returns zeros and zero gradients, and
@@ -43,15 +45,16 @@ from jax import Array, lax
 _HIDDEN = float(np.finfo(np.float32).min)
 _MAX_START = _HIDDEN / 2
 
-# Above this many visited (query block, key block) pairs the loops become lax loops. With blocks
-# of ~1M logits lax loops run as fast as unrolled code on CPU, and unrolled programs of 36 pairs
-# already take 6-14 s to compile.
-_MAX_UNROLLED_PAIRS = 16
+# Above this many visited (query block, key block) pairs the loops become lax loops: unrolled
+# programs compile in about a second per 20 pairs.
+_MAX_UNROLLED_PAIRS = 36
 
 
 def default_block_sizes(batch_heads: int, q_len: int, kv_len: int,
                         backend: str | None = None) -> tuple[int, int]:
   """Block sizes (block_q, block_k) that ran fastest in ``experiments/benchmark_attention.py``.
+
+  The backward pass uses square blocks of ``min(block_q, block_k)`` queries and block_k keys.
 
   Args:
     batch_heads: batch size times number of query heads, B * N.
@@ -64,13 +67,15 @@ def default_block_sizes(batch_heads: int, q_len: int, kv_len: int,
   """
   backend = backend or jax.default_backend()
   if backend == "cpu":
-    # Keep one block of logits for all batch * heads near 1M floats (4 MB): it stays in the
-    # last-level cache, and each block op is big enough to amortise XLA:CPU's per-op cost.
-    side = int(np.sqrt(2 ** 20 / max(batch_heads, 1)))
-    block = 1 << max(7, min(10, side.bit_length() - 1))
+    # A key block of logits for all batch * heads of about 256K floats (1 MB) stays in the
+    # caches and keeps the program's temporary memory small; query blocks twice as long halve
+    # the key blocks cut out in the forward pass.
+    side = int(np.sqrt(2 ** 18 / max(batch_heads, 1)))
+    block_k = 1 << max(6, min(9, side.bit_length() - 1))
+    block_q = 2 * block_k
   else:  # Untested: there is no GPU or TPU on the machines this was tuned on.
-    block = 512
-  return (min(block, _next_pow2(q_len)), min(block, _next_pow2(kv_len)))
+    block_q = block_k = 512
+  return (min(block_q, _next_pow2(q_len)), min(block_k, _next_pow2(kv_len)))
 
 
 def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: Array | None,
@@ -113,30 +118,42 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: 
   if T == 0 or S == 0:
     return jnp.zeros(q.shape, q.dtype), jnp.full((B, N, T), -jnp.inf, jnp.float32)
   scale = float(scale)
-  # Scaling q is cheaper than scaling every block of logits; in float32, or when the scale is a
-  # power of two, it changes nothing beyond float32 rounding.
+  # Scaling each query block as it is cut out is cheaper than scaling every block of logits; in
+  # float32, or when the scale is a power of two, it changes nothing beyond float32 rounding.
+  q_scale = 1.0
   if q.dtype == jnp.float32 or np.frexp(scale)[0] == 0.5:
-    q, scale = q * jnp.asarray(scale, q.dtype), 1.0
-  plan = _Plan(scale=scale, is_causal=bool(is_causal),
+    q_scale, scale = scale, 1.0
+  plan = _Plan(scale=scale, q_scale=q_scale, is_causal=bool(is_causal),
                window=None if window is None else (int(window[0]), int(window[1])),
                soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-               T=T, S=S, G=N // K, bq=bq, bk=bk)
+               T=T, S=S, G=N // K, bq=bq, bk=bk, lanes=_default_lanes())
   pad_t, pad_s = plan.nq * bq - T, plan.nk * bk - S
 
-  # Heads first, padded to whole blocks: q [B, K, G, Tp, H], k and v [B, K, Sp, H].
-  q5 = jnp.pad(q, ((0, 0), (0, pad_t), (0, 0), (0, 0))).reshape(B, -1, K, plan.G, H)
-  q5 = q5.transpose(0, 2, 3, 1, 4)
-  k4 = jnp.pad(k, ((0, 0), (0, pad_s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-  v4 = jnp.pad(v, ((0, 0), (0, pad_s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  # The caller's layout, padded to whole blocks: q [B, Tp, K, G, H], k and v [B, Sp, K, H].
+  # Blocks are cut along the length axis; each block matmul transposes only its own operands,
+  # so no transposed copy of q, k or v is ever held in memory.
+  q5 = _pad_axis(q, 1, pad_t).reshape(B, -1, K, plan.G, H)
+  k4, v4 = _pad_axis(k, 1, pad_s), _pad_axis(v, 1, pad_s)
   extras = _Extras(
       bias=None if bias is None else _to_5d(bias, K, pad_t, pad_s, 0.0),
       mask=None if mask is None else _to_5d(mask, K, pad_t, pad_s, False),
-      q_seg=None if q_segment_ids is None else jnp.pad(q_segment_ids, ((0, 0), (0, pad_t))),
-      kv_seg=None if kv_segment_ids is None else jnp.pad(kv_segment_ids, ((0, 0), (0, pad_s))))
+      q_seg=None if q_segment_ids is None else _pad_axis(q_segment_ids, 1, pad_t),
+      kv_seg=None if kv_segment_ids is None else _pad_axis(kv_segment_ids, 1, pad_s))
 
   out5, lse4 = _attend(plan, q5, k4, v4, extras)
-  out = out5.transpose(0, 3, 1, 2, 4).reshape(B, -1, N, H)[:, :T]
-  return out, lse4.reshape(B, N, -1)[:, :, :T]
+  return out5.reshape(B, -1, N, H)[:, :T], lse4.reshape(B, N, -1)[:, :, :T]
+
+
+def _pad_axis(x: Array, axis: int, pad: int) -> Array:
+  if not pad:
+    return x
+  return jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
+
+
+def _default_lanes() -> int:
+  """Chains of blocks to run side by side: two on CPU, where a small batched matmul runs on one
+  core (more chains only cost memory on the 2-core machines this was tuned on), else one."""
+  return 2 if jax.default_backend() == "cpu" else 1
 
 
 def _next_pow2(n: int) -> int:
@@ -163,8 +180,10 @@ def _to_5d(x: Array, K: int, pad_t: int, pad_s: int, fill) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-  """Static description of one blockwise attention: options, lengths and block grid."""
+  """Static description of one blockwise attention: options, lengths and block grid. The logits
+  are ``scale * (q_scale * q) . k``: q_scale is applied to each query block as it is cut out."""
   scale: float
+  q_scale: float
   is_causal: bool
   window: tuple[int, int] | None
   soft_cap: float | None
@@ -173,6 +192,7 @@ class _Plan:
   G: int
   bq: int
   bk: int
+  lanes: int = 1
 
   @property
   def nq(self) -> int:
@@ -245,6 +265,17 @@ def _block(x: Array, axis: int, index, size: int) -> Array:
   return lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
 
 
+def _q_block(plan: _Plan, x: Array, i) -> Array:
+  """Query block i of ``x`` [B, Tp, K, G, H], heads first and scaled: [B, K, G, bq, H]."""
+  x = jnp.moveaxis(_block(x, 1, i, plan.bq), 1, 3)
+  return x if plan.q_scale == 1.0 else x * jnp.asarray(plan.q_scale, x.dtype)
+
+
+def _kv_block(plan: _Plan, x: Array, j) -> Array:
+  """Key block j of ``x`` [B, Sp, K, H], heads first: [B, K, bk, H]."""
+  return jnp.swapaxes(_block(x, 1, j, plan.bk), 1, 2)
+
+
 def _slice_blocks(plan: _Plan, ex: _Extras, i, j) -> _Extras:
   """The rows of query block i and columns of key block j of the per-logit inputs."""
   def rows_cols(x):
@@ -285,100 +316,129 @@ def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j):
 
 
 def _after(dependency, blocks, unrolled: bool):
-  """``blocks`` made to depend on ``dependency`` when unrolled. XLA:CPU schedules independent
-  ops breadth-first (every block's logits at once); a data dependency of a matmul operand on
-  the previous step (adding zero taken from it) makes it work on one block at a time.
+  """``blocks`` made to depend on every leaf of ``dependency`` when unrolled. XLA:CPU schedules
+  independent ops breadth-first (every block's logits at once, which can fill memory); a data
+  dependency of a matmul operand on the previous step makes it work on one block at a time.
   Optimisation barriers do not survive its pipeline."""
   leaves = jax.tree.leaves(dependency)
   if not unrolled or not leaves:
     return blocks
-  zero = jnp.ravel(leaves[0])[0] * 0
+  # Zero taken from one element of each leaf (a non-finite element counts as zero, so a NaN or
+  # inf in one row cannot leak into others).
+  zero = sum(jnp.where(jnp.isfinite(x), x, 0) * 0 for x in (jnp.ravel(leaf)[0] for leaf in leaves))
   return jax.tree.map(
       lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, blocks)
 
 
-def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, finish, axis: int,
-           shared=None):
-  """Runs ``for o: c = init(); for n in inner_blocks(o): c, shared = step(o, n, c, shared)``.
+def _lanes(work: list[int], lanes: int) -> list[list[int]]:
+  """Outer blocks dealt to lanes: greedily, most work first, each to the least-loaded lane."""
+  load, blocks = [0] * lanes, [[] for _ in range(lanes)]
+  for o in sorted(range(len(work)), key=lambda o: -work[o]):
+    lane = load.index(min(load))
+    blocks[lane].append(o)
+    load[lane] += work[o]
+  return [sorted(b) for b in blocks if b]
 
-  Unrolled in Python (static block indices) for small plans, else as lax loops. Returns
-  ``(results, shared)``: ``finish(o, c)`` of every outer block o joined along ``axis``.
+
+def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, finish, shared):
+  """Runs ``for o: c = init(); for n in inner_blocks(o): c, shared = step(o, n, c, shared);
+  shared = finish(o, c, shared)`` and returns ``shared``.
+
+  ``shared`` holds the full-size results, which ``step`` and ``finish`` update block by block
+  in place. Small plans are unrolled in Python with static block indices; the outer blocks are
+  dealt to ``plan.lanes`` chains, balanced by their number of inner blocks, that XLA:CPU runs
+  side by side on its threads. The lanes' steps are emitted in turn, so their in-place updates
+  of ``shared`` interleave rather than wait for one another. Larger plans run as lax loops.
   """
   if plan.unrolled():
-    results = []
-    for o in range(n_outer):
-      carry = _after(results[-1:], init(), True)
-      for n in range(*inner_blocks(o)):
-        carry, shared = step(o, n, carry, shared)
-      results.append(finish(o, carry))
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis), *results), shared
+    work = [len(range(*inner_blocks(o))) for o in range(n_outer)]
+    state = {"shared": shared}
+
+    def lane(blocks):
+      previous = ()
+      for o in blocks:
+        carry = _after(previous, init(o), True)
+        for n in range(*inner_blocks(o)):
+          carry, state["shared"] = step(o, n, carry, state["shared"])
+          yield
+        state["shared"] = finish(o, carry, state["shared"])
+        previous = carry
+
+    lanes = [lane(blocks) for blocks in _lanes(work, min(plan.lanes, n_outer))]
+    while lanes:
+      lanes = [it for it in lanes if next(it, StopIteration) is not StopIteration]
+    return state["shared"]
 
   def outer(shared, o):
-    carry, shared = lax.fori_loop(*inner_blocks(o), lambda n, c: step(o, n, *c), (init(), shared))
-    return shared, finish(o, carry)
+    carry, shared = lax.fori_loop(*inner_blocks(o), lambda n, c: step(o, n, *c),
+                                  (init(o), shared))
+    return finish(o, carry, shared), None
 
-  shared, results = lax.scan(outer, shared, jnp.arange(n_outer))
-  merge = lambda x: jnp.moveaxis(x, 0, axis).reshape(  # noqa: E731
-      x.shape[1:axis + 1] + (-1,) + x.shape[axis + 2:])
-  return jax.tree.map(merge, results), shared
+  return lax.scan(outer, shared, jnp.arange(n_outer))[0]
 
 
 # ----------------------------------------------------------------------------- forward
 
 
 def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
-  """(out [B, K, G, Tp, H] in q's dtype, lse [B, K, G, Tp] float32)."""
-  B, K, G, _, H = q5.shape
+  """(out [B, Tp, K, G, H] in q's dtype, lse [B, K, G, Tp] float32)."""
+  B, Tp, K, G, H = q5.shape
   unrolled = plan.unrolled()
 
-  def init():
-    return (jnp.full((B, K, G, plan.bq), _MAX_START, jnp.float32),
+  def init(i):
+    return (_q_block(plan, q5, i), jnp.full((B, K, G, plan.bq), _MAX_START, jnp.float32),
             jnp.zeros((B, K, G, plan.bq), jnp.float32),
             jnp.zeros((B, K, G, plan.bq, H), jnp.float32))
 
   def step(i, j, carry, shared):
-    m, row_sum, acc = carry
-    k_blk = _after(carry, _block(k4, 2, j, plan.bk), unrolled)
-    v_blk = _block(v4, 2, j, plan.bk)
-    s, _ = _scores(plan, _block(q5, 3, i, plan.bq), k_blk, _slice_blocks(plan, ex, i, j), i, j)
+    q_blk, m, row_sum, acc = carry
+    k_blk, v_blk = _after(carry[1:], (_kv_block(plan, k4, j), _kv_block(plan, v4, j)), unrolled)
+    s, _ = _scores(plan, q_blk, k_blk, _slice_blocks(plan, ex, i, j), i, j)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.exp(s - m_new[..., None])
     alpha = jnp.exp(m - m_new)
     row_sum = row_sum * alpha + jnp.sum(p, axis=-1)
     pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v_blk.dtype), v_blk,
                     preferred_element_type=jnp.float32)
-    return (m_new, row_sum, acc * alpha[..., None] + pv), shared
+    return (q_blk, m_new, row_sum, acc * alpha[..., None] + pv), shared
 
-  def finish(i, carry):
-    m, row_sum, acc = carry
+  def finish(i, carry, shared):
+    _, m, row_sum, acc = carry
+    out5, lse4 = shared
     inv_sum = jnp.where(row_sum > 0, 1 / row_sum, 0.0)
-    return (acc * inv_sum[..., None]).astype(q5.dtype), m + jnp.log(row_sum)
+    out = jnp.moveaxis((acc * inv_sum[..., None]).astype(q5.dtype), 3, 1)
+    return (_set_block(out5, out, 1, i, plan.bq),
+            _set_block(lse4, m + jnp.log(row_sum), 3, i, plan.bq))
 
-  (out5, lse4), _ = _sweep(plan, plan.nq, plan.kv_blocks, init, step, finish, axis=3)
-  return out5, lse4
+  shared = (jnp.zeros(q5.shape, q5.dtype), jnp.zeros((B, K, G, Tp), jnp.float32))
+  return _sweep(plan, plan.nq, plan.kv_blocks, init, step, finish, shared)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
 def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
-  """Gradients (dq5, dk4, dv4, dbias5 or None) in one sweep, key blocks outside (FlashAttention-2).
-  dk and dv are accumulated transposed ([B, K, H, bk]): XLA:CPU multiplies do^T p fast but
-  p^T do slowly."""
-  B, K, G, _, H = q5.shape
+  """Float32 gradients (dq5, dk4, dv4, dbias5 or None) in one sweep, key blocks outside
+  (FlashAttention-2). Each step adds its block's dq, dk and dv in place, so no accumulator
+  outlives its step. dk and dv are computed transposed ([B, K, H, bk]): XLA:CPU multiplies
+  do^T p fast but p^T do slowly."""
+  B, Tp, K, G, H = q5.shape
   unrolled = plan.unrolled()
   # d lse / d logit = p, so the lse cotangent enters like a shift of rowsum(dout * out).
-  delta = jnp.einsum("bkgqh,bkgqh->bkgq", dout5.astype(jnp.float32), out5.astype(jnp.float32))
+  delta = jnp.einsum("bqkgh,bqkgh->bkgq", dout5.astype(jnp.float32), out5.astype(jnp.float32))
   delta = delta - dlse4
   # A row with no visible key has lse = -inf; +inf makes its probabilities exp(-inf) = 0.
   lse_safe = jnp.where(jnp.isneginf(lse4), jnp.inf, lse4)
 
+  def init(j):  # The key block, and the last step's dk block (which the next step waits for).
+    return _kv_block(plan, k4, j), _kv_block(plan, v4, j), jnp.zeros((), jnp.float32)
+
   def step(j, i, carry, shared):
-    dq5, dbias5 = shared
-    q_blk, do_blk = _after(carry, (_block(q5, 3, i, plan.bq), _block(dout5, 3, i, plan.bq)),
-                           unrolled)
+    dq5, dk4, dv4, dbias5 = shared
+    k_blk, v_blk, last = carry
+    q_blk, do_blk = _after(last, (_q_block(plan, q5, i),
+                                  jnp.moveaxis(_block(dout5, 1, i, plan.bq), 1, 3)), unrolled)
     lse_blk, delta_blk = _block(lse_safe, 3, i, plan.bq), _block(delta, 3, i, plan.bq)
-    k_blk, v_blk = _block(k4, 2, j, plan.bk), _block(v4, 2, j, plan.bk)
     s, tanh = _scores(plan, q_blk, k_blk, _slice_blocks(plan, ex, i, j), i, j)
     p = jnp.exp(s - lse_blk[..., None])
     dp = jnp.einsum("bkgqh,bksh->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
@@ -390,34 +450,31 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
       dbias5 = _add_bias_block(dbias5, jnp.sum(ds, axis=axes, keepdims=True), i, j, plan)
     ds = ds.astype(q_blk.dtype)
     dq = jnp.einsum("bkgqs,bksh->bkgqh", ds, k_blk, preferred_element_type=jnp.float32)
-    dq5 = _add_block(dq5, dq, 3, i, plan.bq)
-    dk_t, dv_t = carry
-    dk_t = dk_t + jnp.einsum("bkgqh,bkgqs->bkhs", q_blk, ds, preferred_element_type=jnp.float32)
-    dv_t = dv_t + jnp.einsum("bkgqh,bkgqs->bkhs", do_blk, p.astype(do_blk.dtype),
-                             preferred_element_type=jnp.float32)
-    return (dk_t, dv_t), (dq5, dbias5)
+    dk_t = jnp.einsum("bkgqh,bkgqs->bkhs", q_blk, ds, preferred_element_type=jnp.float32)
+    dv_t = jnp.einsum("bkgqh,bkgqs->bkhs", do_blk, p.astype(do_blk.dtype),
+                      preferred_element_type=jnp.float32)
+    # q_blk carries q_scale, so dk needs only the logit scale; dq needs both.
+    dq5 = _add_block(dq5, jnp.moveaxis(dq, 3, 1) * (plan.scale * plan.q_scale), 1, i, plan.bq)
+    dk4 = _add_block(dk4, jnp.moveaxis(dk_t, 3, 1) * plan.scale, 1, j, plan.bk)
+    dv4 = _add_block(dv4, jnp.moveaxis(dv_t, 3, 1), 1, j, plan.bk)
+    return (k_blk, v_blk, dk_t[0, 0, 0, 0]), (dq5, dk4, dv4, dbias5)
 
-  zeros_kv = jnp.zeros((B, K, H, plan.bk), jnp.float32)
-  dq5 = {} if unrolled else jnp.zeros(q5.shape, jnp.float32)
-  dbias5 = None if ex.bias is None else jnp.zeros(ex.bias.shape, jnp.float32)
-  (dk_t, dv_t), (dq5, dbias5) = _sweep(plan, plan.nk, plan.q_blocks, lambda: (zeros_kv, zeros_kv),
-                                       step, lambda j, carry: carry, axis=3, shared=(dq5, dbias5))
-  if unrolled:
-    zeros_q = jnp.zeros((B, K, G, plan.bq, H), jnp.float32)
-    dq5 = jnp.concatenate([dq5.get(i, zeros_q) for i in range(plan.nq)], axis=3)
-  dk4, dv4 = (jnp.swapaxes(x, 2, 3) for x in (dk_t, dv_t))
-  if plan.scale != 1.0:
-    dq5, dk4 = dq5 * plan.scale, dk4 * plan.scale
-  return dq5, dk4, dv4, dbias5
+  shared = (jnp.zeros(q5.shape, jnp.float32), jnp.zeros(k4.shape, jnp.float32),
+            jnp.zeros(v4.shape, jnp.float32),
+            None if ex.bias is None else jnp.zeros(ex.bias.shape, jnp.float32))
+  return _sweep(plan, plan.nk, plan.q_blocks, init, step, lambda j, carry, shared: shared,
+                shared)
 
 
-def _add_block(x, update: Array, axis: int, index, size: int):
-  """x with ``update`` added to block ``index`` along ``axis``; x may be a dict of blocks."""
-  if isinstance(x, dict):
-    return {**x, index: x[index] + update if index in x else update}
-  start = index * size
-  current = lax.dynamic_slice_in_dim(x, start, size, axis=axis)
-  return lax.dynamic_update_slice_in_dim(x, current + update, start, axis=axis)
+def _set_block(x: Array, update: Array, axis: int, index, size: int) -> Array:
+  """x with block ``index`` of ``size`` along ``axis`` replaced by ``update``."""
+  return lax.dynamic_update_slice_in_dim(x, update.astype(x.dtype), index * size, axis=axis)
+
+
+def _add_block(x: Array, update: Array, axis: int, index, size: int) -> Array:
+  """x with ``update`` added to block ``index`` of ``size`` along ``axis``."""
+  return _set_block(x, lax.dynamic_slice_in_dim(x, index * size, size, axis=axis) + update,
+                    axis, index, size)
 
 
 def _add_bias_block(dbias5: Array, dbias: Array, i, j, plan: _Plan) -> Array:
@@ -444,6 +501,9 @@ def _attend_fwd(plan, q5, k4, v4, ex):
 def _attend_bwd(plan, residuals, cotangents):
   q5, k4, v4, ex, out5, lse4 = residuals
   dout5, dlse4 = cotangents
+  # Square blocks: each key block's sweep over query blocks then cuts out small blocks of q and
+  # dout, and the block logits stay as small as the forward pass's key blocks.
+  plan = dataclasses.replace(plan, bq=min(plan.bq, plan.bk))
   dq5, dk4, dv4, dbias5 = _backward(plan, q5, k4, v4, ex, out5, lse4, dout5, dlse4)
   dex = _Extras(bias=dbias5, mask=None, q_seg=None, kv_seg=None)
   return dq5.astype(q5.dtype), dk4.astype(k4.dtype), dv4.astype(v4.dtype), dex
