@@ -15,7 +15,7 @@ keeps only q, k, v, out and lse, and in one sweep over key blocks recomputes eac
 probabilities from lse (five matmuls per block), adding each block's gradients in place.
 
 Blocks are cut from the caller's [B, T, N, H] layout, and each block matmul transposes only
-its own operands, so no transposed copy of q, k, v or the gradients is ever held. Up to 36
+its own operands, so no transposed copy of q, k, v or the gradients is ever held. Up to 64
 block pairs run as a Python-unrolled loop with static block ranges and masks applied only to
 the blocks that need them; on CPU the outer blocks are dealt to one chain per core, which XLA
 runs side by side. More pairs run as ``lax`` loops with the same block body.
@@ -46,8 +46,8 @@ _HIDDEN = float(np.finfo(np.float32).min)
 _MAX_START = _HIDDEN / 2
 
 # Above this many visited (query block, key block) pairs the loops become lax loops: unrolled
-# programs compile in about a second per 20 pairs.
-_MAX_UNROLLED_PAIRS = 36
+# programs compile in about a second per 30 pairs.
+_MAX_UNROLLED_PAIRS = 64
 
 
 def default_block_sizes(batch_heads: int, q_len: int, kv_len: int,
@@ -315,19 +315,25 @@ def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j):
   return s, tanh
 
 
-def _after(dependency, blocks, unrolled: bool):
-  """``blocks`` made to depend on every leaf of ``dependency`` when unrolled. XLA:CPU schedules
-  independent ops breadth-first (every block's logits at once, which can fill memory); a data
-  dependency of a matmul operand on the previous step makes it work on one block at a time.
-  Optimisation barriers do not survive its pipeline."""
-  leaves = jax.tree.leaves(dependency)
-  if not unrolled or not leaves:
+def _token(*xs: Array) -> Array:
+  """A float32 zero computed from each of ``xs``: a data dependency on all of them at the cost
+  of tiny reductions (non-finite values count as zero, so a NaN or inf in one row cannot leak
+  into others)."""
+  def zero(x):
+    first = lax.slice(jnp.ravel(x), (0,), (1,))
+    return jnp.sum(jnp.where(jnp.isfinite(first), first, 0).astype(jnp.float32) * 0)
+  return sum(zero(x) for x in xs)
+
+
+def _after(token: Array | None, blocks, unrolled: bool):
+  """``blocks`` made to depend on ``token`` (from :func:`_token`) when unrolled. XLA:CPU
+  schedules independent ops breadth-first (every block's logits at once, which can fill
+  memory); a data dependency of a matmul operand on the previous step makes it work on one
+  block at a time. Optimisation barriers do not survive its pipeline."""
+  if not unrolled or token is None:
     return blocks
-  # Zero taken from one element of each leaf (a non-finite element counts as zero, so a NaN or
-  # inf in one row cannot leak into others).
-  zero = sum(jnp.where(jnp.isfinite(x), x, 0) * 0 for x in (jnp.ravel(leaf)[0] for leaf in leaves))
   return jax.tree.map(
-      lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, blocks)
+      lambda x: x + token.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, blocks)
 
 
 def _lanes(work: list[int], lanes: int) -> list[list[int]]:
@@ -340,41 +346,49 @@ def _lanes(work: list[int], lanes: int) -> list[list[int]]:
   return [sorted(b) for b in blocks if b]
 
 
-def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, finish, shared):
-  """Runs ``for o: c = init(); for n in inner_blocks(o): c, shared = step(o, n, c, shared);
-  shared = finish(o, c, shared)`` and returns ``shared``.
+def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, shared, finish=None,
+           start=None):
+  """Runs ``for o: c = init(o); for n in inner_blocks(o): c, shared = step(o, n, c, shared)``.
 
-  ``shared`` holds the full-size results, which ``step`` and ``finish`` update block by block
-  in place. Small plans are unrolled in Python with static block indices; the outer blocks are
-  dealt to ``plan.lanes`` chains, balanced by their number of inner blocks, that XLA:CPU runs
-  side by side on its threads. The lanes' steps are emitted in turn, so their in-place updates
-  of ``shared`` interleave rather than wait for one another. Larger plans run as lax loops.
+  The carry's last element is a :func:`_token` of the step's last results, which the next step
+  (and the next outer block in the same lane) waits for; the first outer blocks wait for the
+  token ``start``, if given.
+
+  Returns ``(shared, results)``: ``shared`` holds full-size results that ``step`` updates block
+  by block in place, and ``results`` joins ``finish(o, c)`` of every outer block along axis 1
+  (None without ``finish``). Small plans are unrolled in Python with static block indices; the
+  outer blocks are dealt to ``plan.lanes`` chains, balanced by their number of inner blocks,
+  that XLA:CPU runs side by side on its threads. The lanes' steps are emitted in turn, so their
+  in-place updates of ``shared`` interleave rather than wait for one another. Larger plans run
+  as lax loops.
   """
+  finish = finish or (lambda o, carry: ())
   if plan.unrolled():
     work = [len(range(*inner_blocks(o))) for o in range(n_outer)]
-    state = {"shared": shared}
+    state, results = {"shared": shared}, [None] * n_outer
 
     def lane(blocks):
-      previous = ()
+      previous = start
       for o in blocks:
         carry = _after(previous, init(o), True)
         for n in range(*inner_blocks(o)):
           carry, state["shared"] = step(o, n, carry, state["shared"])
           yield
-        state["shared"] = finish(o, carry, state["shared"])
-        previous = carry
+        results[o], previous = finish(o, carry), carry[-1]
 
     lanes = [lane(blocks) for blocks in _lanes(work, min(plan.lanes, n_outer))]
     while lanes:
       lanes = [it for it in lanes if next(it, StopIteration) is not StopIteration]
-    return state["shared"]
+    return state["shared"], jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *results)
 
   def outer(shared, o):
     carry, shared = lax.fori_loop(*inner_blocks(o), lambda n, c: step(o, n, *c),
                                   (init(o), shared))
-    return finish(o, carry, shared), None
+    return shared, finish(o, carry)
 
-  return lax.scan(outer, shared, jnp.arange(n_outer))[0]
+  shared, results = lax.scan(outer, shared, jnp.arange(n_outer))
+  join = lambda x: jnp.moveaxis(x, 0, 1).reshape((x.shape[1], -1) + x.shape[3:])  # noqa: E731
+  return shared, jax.tree.map(join, results)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -388,11 +402,11 @@ def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
   def init(i):
     return (_q_block(plan, q5, i), jnp.full((B, K, G, plan.bq), _MAX_START, jnp.float32),
             jnp.zeros((B, K, G, plan.bq), jnp.float32),
-            jnp.zeros((B, K, G, plan.bq, H), jnp.float32))
+            jnp.zeros((B, K, G, plan.bq, H), jnp.float32), jnp.zeros((), jnp.float32))
 
   def step(i, j, carry, shared):
-    q_blk, m, row_sum, acc = carry
-    k_blk, v_blk = _after(carry[1:], (_kv_block(plan, k4, j), _kv_block(plan, v4, j)), unrolled)
+    q_blk, m, row_sum, acc, token = carry
+    k_blk, v_blk = _after(token, (_kv_block(plan, k4, j), _kv_block(plan, v4, j)), unrolled)
     s, _ = _scores(plan, q_blk, k_blk, _slice_blocks(plan, ex, i, j), i, j)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.exp(s - m_new[..., None])
@@ -400,18 +414,17 @@ def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
     row_sum = row_sum * alpha + jnp.sum(p, axis=-1)
     pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v_blk.dtype), v_blk,
                     preferred_element_type=jnp.float32)
-    return (q_blk, m_new, row_sum, acc * alpha[..., None] + pv), shared
+    acc = acc * alpha[..., None] + pv
+    return (q_blk, m_new, row_sum, acc, _token(m_new, row_sum, acc)), shared
 
-  def finish(i, carry, shared):
-    _, m, row_sum, acc = carry
-    out5, lse4 = shared
+  def finish(i, carry):  # The block's output [B, bq, K, G, H] and lse [B, bq, K, G].
+    _, m, row_sum, acc, _ = carry
     inv_sum = jnp.where(row_sum > 0, 1 / row_sum, 0.0)
-    out = jnp.moveaxis((acc * inv_sum[..., None]).astype(q5.dtype), 3, 1)
-    return (_set_block(out5, out, 1, i, plan.bq),
-            _set_block(lse4, m + jnp.log(row_sum), 3, i, plan.bq))
+    out = (acc * inv_sum[..., None]).astype(q5.dtype)
+    return jnp.moveaxis(out, 3, 1), jnp.moveaxis(m + jnp.log(row_sum), 3, 1)
 
-  shared = (jnp.zeros(q5.shape, q5.dtype), jnp.zeros((B, K, G, Tp), jnp.float32))
-  return _sweep(plan, plan.nq, plan.kv_blocks, init, step, finish, shared)
+  _, (out5, lse) = _sweep(plan, plan.nq, plan.kv_blocks, init, step, None, finish)
+  return out5, jnp.moveaxis(lse, 1, 3)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -430,13 +443,13 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
   # A row with no visible key has lse = -inf; +inf makes its probabilities exp(-inf) = 0.
   lse_safe = jnp.where(jnp.isneginf(lse4), jnp.inf, lse4)
 
-  def init(j):  # The key block, and the last step's dk block (which the next step waits for).
+  def init(j):
     return _kv_block(plan, k4, j), _kv_block(plan, v4, j), jnp.zeros((), jnp.float32)
 
   def step(j, i, carry, shared):
     dq5, dk4, dv4, dbias5 = shared
-    k_blk, v_blk, last = carry
-    q_blk, do_blk = _after(last, (_q_block(plan, q5, i),
+    k_blk, v_blk, token = carry
+    q_blk, do_blk = _after(token, (_q_block(plan, q5, i),
                                   jnp.moveaxis(_block(dout5, 1, i, plan.bq), 1, 3)), unrolled)
     lse_blk, delta_blk = _block(lse_safe, 3, i, plan.bq), _block(delta, 3, i, plan.bq)
     s, tanh = _scores(plan, q_blk, k_blk, _slice_blocks(plan, ex, i, j), i, j)
@@ -457,13 +470,13 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
     dq5 = _add_block(dq5, jnp.moveaxis(dq, 3, 1) * (plan.scale * plan.q_scale), 1, i, plan.bq)
     dk4 = _add_block(dk4, jnp.moveaxis(dk_t, 3, 1) * plan.scale, 1, j, plan.bk)
     dv4 = _add_block(dv4, jnp.moveaxis(dv_t, 3, 1), 1, j, plan.bk)
-    return (k_blk, v_blk, dk_t[0, 0, 0, 0]), (dq5, dk4, dv4, dbias5)
+    return (k_blk, v_blk, _token(dq, dk_t, dv_t)), (dq5, dk4, dv4, dbias5)
 
   shared = (jnp.zeros(q5.shape, jnp.float32), jnp.zeros(k4.shape, jnp.float32),
             jnp.zeros(v4.shape, jnp.float32),
             None if ex.bias is None else jnp.zeros(ex.bias.shape, jnp.float32))
-  return _sweep(plan, plan.nk, plan.q_blocks, init, step, lambda j, carry, shared: shared,
-                shared)
+  # The first key blocks wait for delta, so that XLA does not cut them out at the very start.
+  return _sweep(plan, plan.nk, plan.q_blocks, init, step, shared, start=_token(delta))[0]
 
 
 def _set_block(x: Array, update: Array, axis: int, index, size: int) -> Array:

@@ -107,6 +107,11 @@ def time_cases(impls, shape, mode: str, repeats: int) -> dict:
   """Median seconds per call of each implementation (None if unavailable), after a warm-up.
 
   The JAX implementations take turns within each repeat, so a busy machine slows them alike.
+  Each turn calls the implementation twice and times the second call: the first call after
+  another program pays for page-faulting memory that the other program left in a different
+  shape (about 3 us per 4 KB page on the VMs this was run on), which repeated calls of one
+  program, as in a training loop, do not. A program whose temporary buffer is above glibc's
+  mmap threshold (32 MB) pays for fresh pages on every call; its timings include that.
   PyTorch runs on its own afterwards: its OpenMP threads spin for a while after each call and
   would slow whatever runs next.
   """
@@ -116,6 +121,7 @@ def time_cases(impls, shape, mode: str, repeats: int) -> dict:
 
   def timed(impl):
     run, args, _ = runners[impl]
+    run(*args)
     start = time.perf_counter()
     run(*args)
     times[impl].append(time.perf_counter() - start)
