@@ -67,12 +67,17 @@ def default_block_sizes(batch_heads: int, q_len: int, kv_len: int,
   """
   backend = backend or jax.default_backend()
   if backend == "cpu":
-    # A key block of logits for all batch * heads of about 256K floats (1 MB) stays in the
-    # caches and keeps the program's temporary memory small; query blocks twice as long halve
-    # the key blocks cut out in the forward pass.
-    side = int(np.sqrt(2 ** 18 / max(batch_heads, 1)))
-    block_k = 1 << max(6, min(9, side.bit_length() - 1))
-    block_q = 2 * block_k
+    # Unrolled plans: key blocks of logits for all batch * heads of about 256K floats (1 MB)
+    # keep the program's temporary memory small, and query blocks twice as long halve the key
+    # blocks cut out in the forward pass. Longer sequences run as lax loops, where blocks of
+    # about 1M logits amortise the per-iteration cost.
+    def side(logits):
+      return 1 << (int(np.sqrt(logits / max(batch_heads, 1))).bit_length() - 1)
+    small = min(max(side(2 ** 18), 64), 512)
+    if -(-q_len // small) * -(-kv_len // small) <= _MAX_UNROLLED_PAIRS:
+      block_q, block_k = 2 * small, small
+    else:
+      block_q = block_k = min(max(side(2 ** 20), 128), 1024)
   else:  # Untested: there is no GPU or TPU on the machines this was tuned on.
     block_q = block_k = 512
   return (min(block_q, _next_pow2(q_len)), min(block_k, _next_pow2(kv_len)))
@@ -265,15 +270,53 @@ def _block(x: Array, axis: int, index, size: int) -> Array:
   return lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
 
 
-def _q_block(plan: _Plan, x: Array, i) -> Array:
-  """Query block i of ``x`` [B, Tp, K, G, H], heads first and scaled: [B, K, G, bq, H]."""
-  x = jnp.moveaxis(_block(x, 1, i, plan.bq), 1, 3)
-  return x if plan.q_scale == 1.0 else x * jnp.asarray(plan.q_scale, x.dtype)
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """How blocks are cut from q-like [B, Tp, K, G, H] and k-like [B, Sp, K, H] arrays and how
+  gradients are gathered. Unrolled, each block is cut from the caller's layout and transposed
+  on its own, so nothing is transposed whole; in lax loops (long sequences) the arrays are
+  transposed heads-first once and blocks are contiguous slices."""
+  plan: _Plan
+  whole: bool  # Transpose whole arrays once (lax loops).
 
+  def queries(self, x: Array, scale: float = 1.0):
+    """i -> query block i of x, heads first [B, K, G, bq, H], times scale."""
+    def scaled(x):
+      return x if scale == 1.0 else x * jnp.asarray(scale, x.dtype)
+    if self.whole:
+      x = scaled(jnp.moveaxis(x, 1, 3))
+      return lambda i: _block(x, 3, i, self.plan.bq)
+    return lambda i: scaled(jnp.moveaxis(_block(x, 1, i, self.plan.bq), 1, 3))
 
-def _kv_block(plan: _Plan, x: Array, j) -> Array:
-  """Key block j of ``x`` [B, Sp, K, H], heads first: [B, K, bk, H]."""
-  return jnp.swapaxes(_block(x, 1, j, plan.bk), 1, 2)
+  def keys(self, x: Array):
+    """j -> key block j of x, heads first [B, K, bk, H]."""
+    if self.whole:
+      x = jnp.swapaxes(x, 1, 2)
+      return lambda j: _block(x, 2, j, self.plan.bk)
+    return lambda j: jnp.swapaxes(_block(x, 1, j, self.plan.bk), 1, 2)
+
+  def q_grad(self, shape):
+    """float32 zeros to gather query gradients in, an adder of [B, K, G, bq, H] blocks, and the
+    conversion to [B, Tp, K, G, H]."""
+    if self.whole:
+      B, Tp, K, G, H = shape
+      return (jnp.zeros((B, K, G, Tp, H), jnp.float32),
+              lambda acc, i, blk: _add_block(acc, blk, 3, i, self.plan.bq),
+              lambda acc: jnp.moveaxis(acc, 3, 1))
+    return (jnp.zeros(shape, jnp.float32),
+            lambda acc, i, blk: _add_block(acc, jnp.moveaxis(blk, 3, 1), 1, i, self.plan.bq),
+            lambda acc: acc)
+
+  def k_grad(self, shape):
+    """As :meth:`q_grad` for key gradients, added as transposed blocks [B, K, H, bk]."""
+    if self.whole:
+      B, Sp, K, H = shape
+      return (jnp.zeros((B, K, H, Sp), jnp.float32),
+              lambda acc, j, blk_t: _add_block(acc, blk_t, 3, j, self.plan.bk),
+              lambda acc: jnp.moveaxis(acc, 3, 1))
+    return (jnp.zeros(shape, jnp.float32),
+            lambda acc, j, blk_t: _add_block(acc, jnp.moveaxis(blk_t, 3, 1), 1, j, self.plan.bk),
+            lambda acc: acc)
 
 
 def _slice_blocks(plan: _Plan, ex: _Extras, i, j) -> _Extras:
@@ -355,7 +398,7 @@ def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, shared, finish=N
   token ``start``, if given.
 
   Returns ``(shared, results)``: ``shared`` holds full-size results that ``step`` updates block
-  by block in place, and ``results`` joins ``finish(o, c)`` of every outer block along axis 1
+  by block in place, and ``results`` joins ``finish(o, c)`` of every outer block along axis 3
   (None without ``finish``). Small plans are unrolled in Python with static block indices; the
   outer blocks are dealt to ``plan.lanes`` chains, balanced by their number of inner blocks,
   that XLA:CPU runs side by side on its threads. The lanes' steps are emitted in turn, so their
@@ -379,7 +422,7 @@ def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, shared, finish=N
     lanes = [lane(blocks) for blocks in _lanes(work, min(plan.lanes, n_outer))]
     while lanes:
       lanes = [it for it in lanes if next(it, StopIteration) is not StopIteration]
-    return state["shared"], jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *results)
+    return state["shared"], jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=3), *results)
 
   def outer(shared, o):
     carry, shared = lax.fori_loop(*inner_blocks(o), lambda n, c: step(o, n, *c),
@@ -387,7 +430,7 @@ def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, shared, finish=N
     return shared, finish(o, carry)
 
   shared, results = lax.scan(outer, shared, jnp.arange(n_outer))
-  join = lambda x: jnp.moveaxis(x, 0, 1).reshape((x.shape[1], -1) + x.shape[3:])  # noqa: E731
+  join = lambda x: jnp.moveaxis(x, 0, 3).reshape(x.shape[1:4] + (-1,) + x.shape[5:])  # noqa: E731
   return shared, jax.tree.map(join, results)
 
 
@@ -398,15 +441,18 @@ def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
   """(out [B, Tp, K, G, H] in q's dtype, lse [B, K, G, Tp] float32)."""
   B, Tp, K, G, H = q5.shape
   unrolled = plan.unrolled()
+  layout = _Layout(plan, whole=not unrolled)
+  q_block = layout.queries(q5, plan.q_scale)
+  k_block, v_block = layout.keys(k4), layout.keys(v4)
 
   def init(i):
-    return (_q_block(plan, q5, i), jnp.full((B, K, G, plan.bq), _MAX_START, jnp.float32),
+    return (q_block(i), jnp.full((B, K, G, plan.bq), _MAX_START, jnp.float32),
             jnp.zeros((B, K, G, plan.bq), jnp.float32),
             jnp.zeros((B, K, G, plan.bq, H), jnp.float32), jnp.zeros((), jnp.float32))
 
   def step(i, j, carry, shared):
     q_blk, m, row_sum, acc, token = carry
-    k_blk, v_blk = _after(token, (_kv_block(plan, k4, j), _kv_block(plan, v4, j)), unrolled)
+    k_blk, v_blk = _after(token, (k_block(j), v_block(j)), unrolled)
     s, _ = _scores(plan, q_blk, k_blk, _slice_blocks(plan, ex, i, j), i, j)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.exp(s - m_new[..., None])
@@ -417,14 +463,13 @@ def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
     acc = acc * alpha[..., None] + pv
     return (q_blk, m_new, row_sum, acc, _token(m_new, row_sum, acc)), shared
 
-  def finish(i, carry):  # The block's output [B, bq, K, G, H] and lse [B, bq, K, G].
+  def finish(i, carry):  # The block's output [B, K, G, bq, H] and lse [B, K, G, bq].
     _, m, row_sum, acc, _ = carry
     inv_sum = jnp.where(row_sum > 0, 1 / row_sum, 0.0)
-    out = (acc * inv_sum[..., None]).astype(q5.dtype)
-    return jnp.moveaxis(out, 3, 1), jnp.moveaxis(m + jnp.log(row_sum), 3, 1)
+    return (acc * inv_sum[..., None]).astype(q5.dtype), m + jnp.log(row_sum)
 
-  _, (out5, lse) = _sweep(plan, plan.nq, plan.kv_blocks, init, step, None, finish)
-  return out5, jnp.moveaxis(lse, 1, 3)
+  _, (out, lse4) = _sweep(plan, plan.nq, plan.kv_blocks, init, step, None, finish)
+  return jnp.moveaxis(out, 3, 1), lse4
 
 
 # ----------------------------------------------------------------------------- backward
@@ -435,8 +480,13 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
   (FlashAttention-2). Each step adds its block's dq, dk and dv in place, so no accumulator
   outlives its step. dk and dv are computed transposed ([B, K, H, bk]): XLA:CPU multiplies
   do^T p fast but p^T do slowly."""
-  B, Tp, K, G, H = q5.shape
   unrolled = plan.unrolled()
+  layout = _Layout(plan, whole=not unrolled)
+  q_block, do_block = layout.queries(q5, plan.q_scale), layout.queries(dout5)
+  k_block, v_block = layout.keys(k4), layout.keys(v4)
+  dq, add_dq, dq_done = layout.q_grad(q5.shape)
+  dk, add_dk, dk_done = layout.k_grad(k4.shape)
+  dv, add_dv, dv_done = layout.k_grad(v4.shape)
   # d lse / d logit = p, so the lse cotangent enters like a shift of rowsum(dout * out).
   delta = jnp.einsum("bqkgh,bqkgh->bkgq", dout5.astype(jnp.float32), out5.astype(jnp.float32))
   delta = delta - dlse4
@@ -444,13 +494,12 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
   lse_safe = jnp.where(jnp.isneginf(lse4), jnp.inf, lse4)
 
   def init(j):
-    return _kv_block(plan, k4, j), _kv_block(plan, v4, j), jnp.zeros((), jnp.float32)
+    return k_block(j), v_block(j), jnp.zeros((), jnp.float32)
 
   def step(j, i, carry, shared):
-    dq5, dk4, dv4, dbias5 = shared
+    dq, dk, dv, dbias5 = shared
     k_blk, v_blk, token = carry
-    q_blk, do_blk = _after(token, (_q_block(plan, q5, i),
-                                  jnp.moveaxis(_block(dout5, 1, i, plan.bq), 1, 3)), unrolled)
+    q_blk, do_blk = _after(token, (q_block(i), do_block(i)), unrolled)
     lse_blk, delta_blk = _block(lse_safe, 3, i, plan.bq), _block(delta, 3, i, plan.bq)
     s, tanh = _scores(plan, q_blk, k_blk, _slice_blocks(plan, ex, i, j), i, j)
     p = jnp.exp(s - lse_blk[..., None])
@@ -462,21 +511,21 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
       axes = tuple(a for a in range(5) if dbias5.shape[a] == 1)
       dbias5 = _add_bias_block(dbias5, jnp.sum(ds, axis=axes, keepdims=True), i, j, plan)
     ds = ds.astype(q_blk.dtype)
-    dq = jnp.einsum("bkgqs,bksh->bkgqh", ds, k_blk, preferred_element_type=jnp.float32)
+    dq_blk = jnp.einsum("bkgqs,bksh->bkgqh", ds, k_blk, preferred_element_type=jnp.float32)
     dk_t = jnp.einsum("bkgqh,bkgqs->bkhs", q_blk, ds, preferred_element_type=jnp.float32)
     dv_t = jnp.einsum("bkgqh,bkgqs->bkhs", do_blk, p.astype(do_blk.dtype),
                       preferred_element_type=jnp.float32)
     # q_blk carries q_scale, so dk needs only the logit scale; dq needs both.
-    dq5 = _add_block(dq5, jnp.moveaxis(dq, 3, 1) * (plan.scale * plan.q_scale), 1, i, plan.bq)
-    dk4 = _add_block(dk4, jnp.moveaxis(dk_t, 3, 1) * plan.scale, 1, j, plan.bk)
-    dv4 = _add_block(dv4, jnp.moveaxis(dv_t, 3, 1), 1, j, plan.bk)
-    return (k_blk, v_blk, _token(dq, dk_t, dv_t)), (dq5, dk4, dv4, dbias5)
+    dq = add_dq(dq, i, dq_blk * (plan.scale * plan.q_scale))
+    dk = add_dk(dk, j, dk_t * plan.scale)
+    dv = add_dv(dv, j, dv_t)
+    return (k_blk, v_blk, _token(dq_blk, dk_t, dv_t)), (dq, dk, dv, dbias5)
 
-  shared = (jnp.zeros(q5.shape, jnp.float32), jnp.zeros(k4.shape, jnp.float32),
-            jnp.zeros(v4.shape, jnp.float32),
-            None if ex.bias is None else jnp.zeros(ex.bias.shape, jnp.float32))
+  shared = (dq, dk, dv, None if ex.bias is None else jnp.zeros(ex.bias.shape, jnp.float32))
   # The first key blocks wait for delta, so that XLA does not cut them out at the very start.
-  return _sweep(plan, plan.nk, plan.q_blocks, init, step, shared, start=_token(delta))[0]
+  dq, dk, dv, dbias5 = _sweep(plan, plan.nk, plan.q_blocks, init, step, shared,
+                              start=_token(delta))[0]
+  return dq_done(dq), dk_done(dk), dv_done(dv), dbias5
 
 
 def _set_block(x: Array, update: Array, axis: int, index, size: int) -> Array:

@@ -185,5 +185,6 @@ def test_no_quadratic_buffers(unrolled, monkeypatch):
 
 def test_default_block_sizes():
   assert blockwise.default_block_sizes(64, 512, 512, "cpu") == (128, 64)
-  assert blockwise.default_block_sizes(1, 32768, 32768, "cpu") == (1024, 512)
+  assert blockwise.default_block_sizes(1, 32768, 32768, "cpu") == (1024, 1024)
+  assert blockwise.default_block_sizes(16, 2048, 2048, "cpu") == (256, 256)
   assert blockwise.default_block_sizes(1, 5, 3, "cpu") == (8, 4)
