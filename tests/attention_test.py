@@ -659,8 +659,8 @@ def _uses_blockwise(**kwargs):
 
 
 def test_default_implementation_dispatch_on_cpu():
-  assert not _uses_blockwise(T=8, S=128)
-  assert _uses_blockwise(T=8, S=256)
+  assert not _uses_blockwise(T=8, S=127)
+  assert _uses_blockwise(T=8, S=128)
   assert _uses_blockwise(T=300, S=300, is_causal=True)
   assert not _uses_blockwise(T=300, S=300, return_weights=True)
   assert not _uses_blockwise(T=300, S=300, dropout_rate=0.1, dropout_rng=jax.random.key(0))
