@@ -14,11 +14,14 @@ attention does about half the work of full attention. The backward pass (``jax.c
 keeps only q, k, v, out and lse, and in one sweep over key blocks recomputes each block's
 probabilities from lse (five matmuls per block), adding each block's gradients in place.
 
-Blocks are cut from the caller's [B, T, N, H] layout, and each block matmul transposes only
-its own operands, so no transposed copy of q, k, v or the gradients is ever held. Up to 64
-block pairs run as a Python-unrolled loop with static block ranges and masks applied only to
-the blocks that need them; on CPU the outer blocks are dealt to one chain per core, which XLA
-runs side by side. More pairs run as ``lax`` loops with the same block body.
+Up to 64 block pairs run as a Python-unrolled loop with static block ranges and masks applied
+only to the blocks that need them. Unrolled, each block is cut from the caller's [B, T, N, H]
+layout and its matmul operands are transposed on their own, so no transposed copy of q, k, v
+or the gradients is ever held, and on CPU the outer blocks are dealt to two chains that XLA
+runs side by side (a small batched matmul runs on one core). Longer sequences run as ``lax``
+loops with the same block body over arrays transposed heads-first once. On CPU, small
+temporaries matter twice: XLA allocates a program's temporary buffer on every call, and above
+glibc's mmap threshold (32 MB) every page of it is a fresh page fault.
 
 Numerics follow ``attnjax.attention``: logits and softmax in float32, masked logits get a
 large finite negative, a query row with no visible key returns zeros and zero gradients, and
