@@ -280,9 +280,10 @@ def _probabilities(c: _Canonical):
     logits = jnp.where(visible, logits, MASK_VALUE)
   if c.bias is not None:  # A -inf bias hides a key like a mask does.
     logits = jnp.maximum(logits, MASK_VALUE)
-  # A row whose largest logit is a masked one sees no key: its weights are 0, its lse -inf.
-  # (jax.nn.softmax keeps only its output for the backward pass.)
-  empty = jnp.max(logits, axis=-1) <= MASK_VALUE / 2
+  # A row whose logits are all masked ones sees no key: its weights are 0, its lse -inf. (A
+  # NaN logit makes the row non-empty, so it propagates; a max reduction may skip it. And
+  # jax.nn.softmax keeps only its output for the backward pass.)
+  empty = jnp.all(logits <= MASK_VALUE / 2, axis=-1)
   probs = jnp.where(empty[..., None], 0.0, jax.nn.softmax(logits, axis=-1))
   lse = jnp.where(empty, -jnp.inf, jax.nn.logsumexp(logits, axis=-1))
   return probs, lse

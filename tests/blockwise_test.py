@@ -109,6 +109,21 @@ def test_matches_dense_lax_loops(case, monkeypatch):
   _compare(args, opts, tol=2e-5, block_q=8, block_k=16)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_query_stays_in_its_row(bad):
+  # Unrolled steps wait on a zero computed from the previous step's results; a NaN or inf
+  # there must not reach other rows.
+  (q, k, v, _), opts = _problem(B=1, T=64, S=64, N=2, K=2, is_causal=True)
+  q = q.at[0, 0, 0, 0].set(bad)
+  out_d, _ = _dense(q, k, v, None, opts)
+  out_b, _ = jax.jit(lambda q, k, v: _blockwise(q, k, v, None, opts, block_q=16, block_k=16))(
+      q, k, v)
+  finite = np.isfinite(np.asarray(out_d))
+  assert not finite[0, 0, 0].all() and finite[:, 1:].all() and finite[:, :, 1].all()
+  np.testing.assert_array_equal(np.isfinite(np.asarray(out_b)), finite)
+  np.testing.assert_allclose(np.asarray(out_b)[finite], np.asarray(out_d)[finite], atol=2e-5)
+
+
 def test_matches_dense_eagerly():
   (q, k, v, bias), opts = _problem(T=20, S=24, is_causal=True, segments=True)
   out_d, lse_d = _dense(q, k, v, bias, opts)
