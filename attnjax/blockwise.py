@@ -138,8 +138,7 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: 
   pad_t, pad_s = plan.nq * bq - T, plan.nk * bk - S
 
   # The caller's layout, padded to whole blocks: q [B, Tp, K, G, H], k and v [B, Sp, K, H].
-  # Blocks are cut along the length axis; each block matmul transposes only its own operands,
-  # so no transposed copy of q, k or v is ever held in memory.
+  # Blocks are cut along the length axis (see _Layout).
   q5 = _pad_axis(q, 1, pad_t).reshape(B, -1, K, plan.G, H)
   k4, v4 = _pad_axis(k, 1, pad_s), _pad_axis(v, 1, pad_s)
   extras = _Extras(
@@ -298,27 +297,18 @@ class _Layout:
       return lambda j: _block(x, 2, j, self.plan.bk)
     return lambda j: jnp.swapaxes(_block(x, 1, j, self.plan.bk), 1, 2)
 
-  def q_grad(self, shape):
-    """float32 zeros to gather query gradients in, an adder of [B, K, G, bq, H] blocks, and the
-    conversion to [B, Tp, K, G, H]."""
+  def grad(self, shape, size: int):
+    """For the gradient of a q-like or k-like array of ``shape`` (length on axis 1, blocks of
+    ``size``): float32 zeros to gather it in, an adder of blocks with the length on axis 3
+    ([B, K, G, bq, H] for queries, transposed [B, K, H, bk] for keys), and the conversion back
+    to ``shape``."""
     if self.whole:
-      B, Tp, K, G, H = shape
-      return (jnp.zeros((B, K, G, Tp, H), jnp.float32),
-              lambda acc, i, blk: _add_block(acc, blk, 3, i, self.plan.bq),
+      zeros = jnp.zeros(shape, jnp.float32)
+      return (jnp.moveaxis(zeros, 1, 3),
+              lambda acc, n, blk: _add_block(acc, blk, 3, n, size),
               lambda acc: jnp.moveaxis(acc, 3, 1))
     return (jnp.zeros(shape, jnp.float32),
-            lambda acc, i, blk: _add_block(acc, jnp.moveaxis(blk, 3, 1), 1, i, self.plan.bq),
-            lambda acc: acc)
-
-  def k_grad(self, shape):
-    """As :meth:`q_grad` for key gradients, added as transposed blocks [B, K, H, bk]."""
-    if self.whole:
-      B, Sp, K, H = shape
-      return (jnp.zeros((B, K, H, Sp), jnp.float32),
-              lambda acc, j, blk_t: _add_block(acc, blk_t, 3, j, self.plan.bk),
-              lambda acc: jnp.moveaxis(acc, 3, 1))
-    return (jnp.zeros(shape, jnp.float32),
-            lambda acc, j, blk_t: _add_block(acc, jnp.moveaxis(blk_t, 3, 1), 1, j, self.plan.bk),
+            lambda acc, n, blk: _add_block(acc, jnp.moveaxis(blk, 3, 1), 1, n, size),
             lambda acc: acc)
 
 
@@ -487,9 +477,9 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
   layout = _Layout(plan, whole=not unrolled)
   q_block, do_block = layout.queries(q5, plan.q_scale), layout.queries(dout5)
   k_block, v_block = layout.keys(k4), layout.keys(v4)
-  dq, add_dq, dq_done = layout.q_grad(q5.shape)
-  dk, add_dk, dk_done = layout.k_grad(k4.shape)
-  dv, add_dv, dv_done = layout.k_grad(v4.shape)
+  dq, add_dq, dq_done = layout.grad(q5.shape, plan.bq)
+  dk, add_dk, dk_done = layout.grad(k4.shape, plan.bk)
+  dv, add_dv, dv_done = layout.grad(v4.shape, plan.bk)
   # d lse / d logit = p, so the lse cotangent enters like a shift of rowsum(dout * out).
   delta = jnp.einsum("bqkgh,bqkgh->bkgq", dout5.astype(jnp.float32), out5.astype(jnp.float32))
   delta = delta - dlse4
@@ -531,15 +521,10 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
   return dq_done(dq), dk_done(dk), dv_done(dv), dbias5
 
 
-def _set_block(x: Array, update: Array, axis: int, index, size: int) -> Array:
-  """x with block ``index`` of ``size`` along ``axis`` replaced by ``update``."""
-  return lax.dynamic_update_slice_in_dim(x, update.astype(x.dtype), index * size, axis=axis)
-
-
 def _add_block(x: Array, update: Array, axis: int, index, size: int) -> Array:
-  """x with ``update`` added to block ``index`` of ``size`` along ``axis``."""
-  return _set_block(x, lax.dynamic_slice_in_dim(x, index * size, size, axis=axis) + update,
-                    axis, index, size)
+  """x with ``update`` added to block ``index`` of ``size`` along ``axis``, in place."""
+  current = lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
+  return lax.dynamic_update_slice_in_dim(x, current + update, index * size, axis=axis)
 
 
 def _add_bias_block(dbias5: Array, dbias: Array, i, j, plan: _Plan) -> Array:
