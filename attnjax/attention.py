@@ -90,11 +90,13 @@ def dot_product_attention(
       decoding with an offset pass ``masks.causal_mask(T, S, offset=...)`` as ``mask``).
     scale: logit scale, ``1 / sqrt(H)`` by default.
     local_window_size: ``w`` or ``(left, right)``: key j is visible to query i iff
-      ``i - left <= j <= i + right`` (an int ``w`` means ``(w, w)``).
+      ``i - left <= j <= i + right`` (an int ``w`` means ``(w, w)``). A side at least as
+      long as the sequence (``2**31 - 1``, ``sys.maxsize``) means unbounded.
     q_segment_ids: int ``[..., T]``; with ``kv_segment_ids``, keys are visible only to
       queries of the same segment (packed sequences).
     kv_segment_ids: int ``[..., S]``.
-    logits_soft_cap: if given, logits become ``cap * tanh(logits / cap)`` (Gemma 2).
+    logits_soft_cap: if given, logits become ``cap * tanh(logits / cap)`` (Gemma 2);
+      ``inf`` means no cap.
     dropout_rate: probability of dropping an attention weight; kept weights are scaled by
       ``1 / (1 - dropout_rate)``.
     dropout_rng: a ``jax.random.key``, required when ``dropout_rate > 0``.
@@ -352,11 +354,15 @@ def _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_
 
   window = None
   if local_window_size is not None:
-    window = masks_lib.canonical_window(local_window_size)
+    window = masks_lib.clamp_window(masks_lib.canonical_window(local_window_size), T, S,
+                                    bool(is_causal))
   if scale is None:
     scale = 1.0 / math.sqrt(H)
   if logits_soft_cap is not None and not logits_soft_cap > 0:
-    raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap!r}")
+    raise ValueError(f"logits_soft_cap must be positive (or inf for no cap), got "
+                     f"{logits_soft_cap!r}")
+  if logits_soft_cap is not None and math.isinf(logits_soft_cap):
+    logits_soft_cap = None
 
   B = math.prod(batch)
   return _Canonical(

@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
+from attnjax import masks as masks_lib
+
 # Logit of a hidden key. The running max starts at half of it, so exp(_HIDDEN - max) is exactly
 # 0 even in a row where every key is hidden (its sum stays 0 and its output is set to 0).
 _HIDDEN = float(np.finfo(np.float32).min)
@@ -131,8 +133,9 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: 
   q_scale = 1.0
   if q.dtype == jnp.float32 or np.frexp(scale)[0] == 0.5:
     q_scale, scale = scale, 1.0
-  plan = _Plan(scale=scale, q_scale=q_scale, is_causal=bool(is_causal),
-               window=None if window is None else (int(window[0]), int(window[1])),
+  if window is not None:  # Unbounded sides would overflow int32 positions.
+    window = masks_lib.clamp_window((int(window[0]), int(window[1])), T, S, bool(is_causal))
+  plan = _Plan(scale=scale, q_scale=q_scale, is_causal=bool(is_causal), window=window,
                soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
                T=T, S=S, G=N // K, bq=bq, bk=bk, lanes=_default_lanes())
   pad_t, pad_s = plan.nq * bq - T, plan.nk * bk - S

@@ -55,6 +55,8 @@ def sliding_window_mask(q_len: int, kv_len: int, window: int | tuple[int, int]) 
   _check_length("kv_len", kv_len)
   left, right = canonical_window(window)
   diff = jnp.arange(kv_len)[None, :] - jnp.arange(q_len)[:, None]
+  # Sides longer than the sequence hide nothing; cutting them keeps int32 from overflowing.
+  left, right = min(left, max(q_len, 1)), min(right, max(kv_len, 1))
   return (diff >= -left) & (diff <= right)
 
 
@@ -146,6 +148,23 @@ def canonical_window(window: int | tuple[int, int]) -> tuple[int, int]:
   if min(pair) < 0:
     raise ValueError(f"local_window_size must be non-negative, got {window!r}")
   return int(pair[0]), int(pair[1])
+
+
+def clamp_window(window: tuple[int, int] | None, q_len: int, kv_len: int,
+                 is_causal: bool = False) -> tuple[int, int] | None:
+  """``window`` with each side cut to what the lengths can use, or None if it hides nothing.
+
+  A side at least as long as the sequence means "unbounded": ``left >= q_len - 1`` and
+  ``right >= kv_len - 1`` hide no key (nor does ``right`` under causality), so users may pass
+  ``2**31 - 1`` or ``sys.maxsize`` without overflowing int32 position arithmetic.
+  """
+  if window is None:
+    return None
+  left = min(window[0], max(q_len - 1, 0))
+  right = min(window[1], max(kv_len - 1, 0))
+  if left >= q_len - 1 and (right >= kv_len - 1 or is_causal):
+    return None
+  return left, right
 
 
 def _as_bool(name: str, mask: ArrayLike) -> Array:

@@ -223,7 +223,7 @@ def multi_head_attention(
     q_pos, k_pos = index + jnp.arange(T), jnp.arange(M)
     visible = k_pos[None, :] <= q_pos[:, None]
     if local_window_size is not None:
-      left, _ = masks.canonical_window(local_window_size)
+      left = min(masks.canonical_window(local_window_size)[0], M)  # M: unbounded, no overflow
       visible &= k_pos[None, :] >= q_pos[:, None] - left
     mask = masks.combine_masks(mask, visible)
     is_causal, local_window_size = False, None
