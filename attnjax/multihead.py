@@ -168,7 +168,9 @@ def multi_head_attention(
       keys and values are written at ``cache["index"]`` and each query attends causally to
       the cache up to its own position (``is_causal`` is implied, segment ids are not
       supported). The cache must have room for the T new positions: this is checked when
-      the index is concrete; under ``jit`` a write past the end is clamped, not detected.
+      the index is concrete (a ValueError); under ``jit``, where it cannot raise, a call that
+      overruns the cache returns all-NaN outputs (and weights), so a decoding loop that runs
+      too long cannot go unnoticed.
     return_weights: also return the attention weights ``[..., N, T, S]`` (``S = M`` with a
       cache).
     dtype: computation dtype; defaults to the promotion of inputs and params.
@@ -210,6 +212,7 @@ def multi_head_attention(
     if not isinstance(index, jax.core.Tracer) and int(index) + T > M:
       raise ValueError(f"the key/value cache holds {M} positions: {int(index)} are filled and "
                        f"{T} more do not fit")
+    overrun = index + T > M  # Traced under jit: the outputs are poisoned below.
     if query_positions is None:
       query_positions = index + jnp.arange(T)
     if rotary:
@@ -247,6 +250,9 @@ def multi_head_attention(
   out = jnp.einsum("...tnh,nhd->...td", heads, out_params["kernel"].astype(dtype))
   if "bias" in out_params:
     out = out + out_params["bias"].astype(dtype)
+  if cache is not None:  # A write past the end was clamped: make the wrong answer NaN.
+    out = jnp.where(overrun, jnp.nan, out)
+    weights = None if weights is None else jnp.where(overrun, jnp.nan, weights)
   result = (out, weights) if return_weights else out
   return (result, cache) if cache is not None else result
 

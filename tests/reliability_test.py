@@ -98,3 +98,38 @@ def test_soft_cap_inf_means_no_cap(plan, monkeypatch):
   for bad in (0.0, -1.0, float("nan")):
     with pytest.raises(ValueError, match="logits_soft_cap"):
       fn(q, k, v, logits_soft_cap=bad)
+
+
+def test_cache_overrun_under_jit_poisons_the_outputs():
+  from flax import nnx
+
+  from attnjax import linen as attn_linen
+  from attnjax import nnx as attn_nnx
+
+  params = attnjax.init_multi_head_attention(jax.random.key(0), 16, 2, 8)
+  x = jax.random.normal(jax.random.key(1), (1, 5, 16))
+  step = jax.jit(lambda cache, x_t: attnjax.multi_head_attention(
+      params, x_t, cache=cache, return_weights=True))
+  cache = attnjax.init_kv_cache((1,), 4, 2, 8)
+  for t in range(5):
+    (out, weights), cache = step(cache, x[:, t:t + 1])
+    assert np.all(np.isfinite(out)) == (t < 4) and np.all(np.isnan(out)) == (t >= 4)
+    assert np.all(np.isnan(weights)) == (t >= 4)
+  with pytest.raises(ValueError, match="4 positions"):  # Eagerly it is an error.
+    attnjax.multi_head_attention(params, x, cache=attnjax.init_kv_cache((1,), 4, 2, 8))
+
+  module = attn_linen.MultiHeadAttention(num_heads=2, decode=True)
+  variables = module.init(jax.random.key(2), x[:, :4])
+  apply = jax.jit(lambda v, x_t: module.apply(v, x_t, mutable=["cache"]))
+  outs = []
+  for t in range(5):
+    out, state = apply(variables, x[:, t:t + 1])
+    variables = {**variables, **state}
+    outs.append(out)
+  assert np.all(np.isfinite(outs[3])) and np.all(np.isnan(outs[4]))
+
+  layer = attn_nnx.MultiHeadAttention(16, 2, decode=True, rngs=nnx.Rngs(0))
+  layer.init_cache(x[:, :4].shape)
+  call = nnx.jit(lambda layer, x_t: layer(x_t))
+  outs = [call(layer, x[:, t:t + 1]) for t in range(5)]
+  assert np.all(np.isfinite(outs[3])) and np.all(np.isnan(outs[4]))
