@@ -9,7 +9,9 @@ heads per key/value head, H head dim.
 
 A bool mask is True where the query may attend. Query head n reads key/value head n // G.
 Logits and softmax are float32 whatever the input dtype; the output has the input dtype.
-A query row with no visible key returns zeros, and its gradients are zeros.
+A query row with no visible key returns zeros, and its gradients are zeros. A non-finite
+entry in a query, key or value vector makes exactly the rows that see it NaN (output, lse and
+weights) and reaches nothing else, values or gradients.
 
 References:
   Vaswani et al. 2017, "Attention Is All You Need".
@@ -18,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -44,13 +47,9 @@ class _Canonical(NamedTuple):
   k: Array  # [B, S, K, H]
   v: Array  # [B, S, K, H]
   bias: Array | None  # float32 [B|1, N|1, T|1, S|1]
-  mask: Array | None  # bool [B|1, N|1, T|1, S|1]
-  q_segment_ids: Array | None  # int32 [B, T]
-  kv_segment_ids: Array | None  # int32 [B, S]
+  mask: masks_lib.Mask | None  # every masking argument, ANDed, in canonical form
   batch_shape: tuple[int, ...]
   scale: Any
-  is_causal: bool
-  window: tuple[int, int] | None
   logits_soft_cap: float | None
 
 
@@ -102,7 +101,7 @@ def dot_product_attention(
     dropout_rng: a ``jax.random.key``, required when ``dropout_rate > 0``.
     return_weights: also return the attention weights (before dropout).
     return_lse: also return the log-sum-exp of the visible logits, ``-inf`` for a row with
-      no visible key (see :func:`merge_attention`).
+      no visible key, NaN for one that sees a non-finite input (see :func:`merge_attention`).
     implementation: ``"xla"`` is the dense reference; ``"blockwise"`` is tiled with an online
       softmax and a recomputing backward pass (memory linear in length; no dropout, no
       ``return_weights``, a static ``scale``); ``None`` picks the fastest implementation that
@@ -147,9 +146,9 @@ def dot_product_attention(
                        "got a traced value; use implementation='xla'")
     block_q, block_k = (None, None) if block_sizes is None else block_sizes
     out, lse = blockwise.blockwise_attention(
-        c.q, c.k, c.v, c.bias, c.mask, scale=c.scale, is_causal=c.is_causal, window=c.window,
-        q_segment_ids=c.q_segment_ids, kv_segment_ids=c.kv_segment_ids,
-        logits_soft_cap=c.logits_soft_cap, block_q=block_q, block_k=block_k)
+        c.q, c.k, c.v, c.bias, c.mask, scale=c.scale, is_causal=False, window=None,
+        q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=c.logits_soft_cap,
+        block_q=block_q, block_k=block_k)
     weights = None
 
   batch = c.batch_shape
@@ -190,7 +189,8 @@ def attention_weights(
   key = jnp.asarray(key)
   c = _canonicalize(query, key, key, bias, mask, is_causal, scale, local_window_size,
                     q_segment_ids, kv_segment_ids, logits_soft_cap)
-  probs, _ = _probabilities(c)
+  probs, _, bad = _probabilities(c)
+  probs = _poison(probs, bad[..., None])
   return probs.reshape(c.batch_shape + probs.shape[1:])
 
 
@@ -254,7 +254,7 @@ def _choose_implementation(c: _Canonical, dropout_rate: float, return_weights: b
 
 def _dense(c: _Canonical, dropout_rate: float, dropout_rng: Array | None):
   """Dense attention on canonical inputs: (out [B,T,N,H], weights [B,N,T,S], lse [B,N,T])."""
-  probs, lse = _probabilities(c)
+  probs, lse, bad = _probabilities(c)
   B, T, N, H = c.q.shape
   K = c.k.shape[2]
   p = probs
@@ -262,17 +262,39 @@ def _dense(c: _Canonical, dropout_rate: float, dropout_rng: Array | None):
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
     p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
   p_BKGTS = p.reshape(B, K, N // K, T, -1)
-  out = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, c.v.astype(jnp.float32))
-  return out.reshape(B, T, N, H).astype(c.q.dtype), probs, lse
+  out = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, _finite(c.v).astype(jnp.float32))
+  out = jnp.where(jnp.swapaxes(bad, 1, 2)[..., None], jnp.nan, out.reshape(B, T, N, H))
+  return out.astype(c.q.dtype), _poison(probs, bad[..., None]), _poison(lse, bad)
+
+
+def _poison(x: Array, bad: Array) -> Array:
+  return jnp.where(bad, jnp.nan, x)
+
+
+def _finite(x: Array) -> Array:
+  """x with non-finite entries replaced by zeros."""
+  return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
 
 
 def _probabilities(c: _Canonical):
-  """Softmax weights [B,N,T,S] and log-sum-exp [B,N,T] of canonical inputs."""
+  """Softmax weights [B,N,T,S], log-sum-exp [B,N,T] and which rows saw a non-finite input
+  [B,N,T] (bool; their weights and lse are zeros and -inf here, for the caller to poison).
+
+  A visible logit is NaN when its query, key or value vector holds a non-finite entry, and
+  NaN or +inf when the bias (or an overflowing q.k) is; such a row is marked. The matmuls
+  run on inputs with non-finite entries zeroed, so that a hidden one cannot reach other rows
+  (or their gradients) through 0 * NaN, and a row that sees one is handled as empty and
+  marked."""
   B, T, N, H = c.q.shape
   S, K = c.k.shape[1], c.k.shape[2]
-  q_BTKGH = c.q.reshape(B, T, K, N // K, H)
-  logits = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, c.k, preferred_element_type=jnp.float32)
-  logits = logits.reshape(B, N, T, S) * c.scale
+  q_BTKGH = _finite(c.q).reshape(B, T, K, N // K, H)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, _finite(c.k),
+                      preferred_element_type=jnp.float32)
+  finite_q = jnp.all(jnp.isfinite(c.q), axis=-1).reshape(B, T, K, N // K)  # [B, T, K, G]
+  finite_kv = jnp.all(jnp.isfinite(c.k) & jnp.isfinite(c.v), axis=-1)  # [B, S, K]
+  finite = (jnp.moveaxis(finite_q, 1, 3)[..., None]
+            & jnp.swapaxes(finite_kv, 1, 2)[:, :, None, None, :])
+  logits = jnp.where(finite, logits, jnp.nan).reshape(B, N, T, S) * c.scale
   if c.bias is not None:
     logits = logits + c.bias
   if c.logits_soft_cap is not None:
@@ -281,25 +303,27 @@ def _probabilities(c: _Canonical):
   if visible is not None:
     logits = jnp.where(visible, logits, MASK_VALUE)
   if c.bias is not None:  # A -inf bias hides a key like a mask does.
-    logits = jnp.maximum(logits, MASK_VALUE)
-  # A row whose logits are all masked ones sees no key: its weights are 0, its lse -inf. (A
-  # NaN logit makes the row non-empty, so it propagates; a max reduction may skip it. And
-  # jax.nn.softmax keeps only its output for the backward pass.)
+    logits = jnp.where(jnp.isnan(logits), logits, jnp.maximum(logits, MASK_VALUE))
+  bad = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
+  logits = jnp.where(bad[..., None], MASK_VALUE, logits)
+  # A row whose logits are all masked ones sees no key: its weights are 0, its lse -inf.
+  # (jax.nn.softmax keeps only its output for the backward pass.)
   empty = jnp.all(logits <= MASK_VALUE / 2, axis=-1)
   probs = jnp.where(empty[..., None], 0.0, jax.nn.softmax(logits, axis=-1))
   lse = jnp.where(empty, -jnp.inf, jax.nn.logsumexp(logits, axis=-1))
-  return probs, lse
+  return probs, lse, bad
 
 
 def _visibility(c: _Canonical) -> Array | None:
   """The AND of every mask in ``c``, bool broadcastable to [B, N, T, S], or None."""
-  T, S = c.q.shape[1], c.k.shape[1]
-  causal = masks_lib.causal_mask(T, S) if c.is_causal else None
-  window = masks_lib.sliding_window_mask(T, S, c.window) if c.window is not None else None
-  segments = None
-  if c.q_segment_ids is not None:
-    segments = masks_lib.segment_mask(c.q_segment_ids, c.kv_segment_ids)
-  return masks_lib.combine_masks(c.mask, causal, window, segments)
+  if c.mask is None:
+    return None
+  B, T, N, _ = c.q.shape
+  S = c.k.shape[1]
+  index = functools.partial(jnp.arange, dtype=jnp.int32)
+  visible = c.mask(index(B).reshape(B, 1, 1, 1), index(N).reshape(1, N, 1, 1),
+                   index(T).reshape(1, 1, T, 1), index(S).reshape(1, 1, 1, S))
+  return visible.reshape((1,) * (4 - visible.ndim) + visible.shape)
 
 
 def _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_size,
@@ -336,26 +360,27 @@ def _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_
     bias = jnp.asarray(bias)
     if not jnp.issubdtype(bias.dtype, jnp.floating):
       raise TypeError(f"bias must be floating point, got dtype {bias.dtype}")
-    bias = _flatten_batch("bias", bias.astype(jnp.float32), logits_shape, len(batch))
-  if mask is not None:
+    bias = masks_lib.flatten_batch("bias", bias.astype(jnp.float32), logits_shape, len(batch))
+  if mask is not None and not isinstance(mask, masks_lib.Mask):
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
-      raise TypeError(f"mask must be a bool array (True = attend), got dtype {mask.dtype}; "
-                      f"pass additive float masks as bias")
-    mask = _flatten_batch("mask", mask, logits_shape, len(batch))
+      raise TypeError(f"mask must be a mask object or a bool array (True = attend), got dtype "
+                      f"{mask.dtype}; pass additive float masks as bias")
 
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("q_segment_ids and kv_segment_ids must be given together, got "
                      f"q_segment_ids={'None' if q_segment_ids is None else 'array'} and "
                      f"kv_segment_ids={'None' if kv_segment_ids is None else 'array'}")
   if q_segment_ids is not None:
-    q_segment_ids = _segment_ids("q_segment_ids", q_segment_ids, batch + (T,))
-    kv_segment_ids = _segment_ids("kv_segment_ids", kv_segment_ids, batch + (S,))
+    _segment_ids("q_segment_ids", q_segment_ids, batch + (T,))
+    _segment_ids("kv_segment_ids", kv_segment_ids, batch + (S,))
 
   window = None
   if local_window_size is not None:
     window = masks_lib.clamp_window(masks_lib.canonical_window(local_window_size), T, S,
                                     bool(is_causal))
+  mask = masks_lib.from_arguments(mask, bool(is_causal), window, q_segment_ids, kv_segment_ids,
+                                  batch, N, T, S)
   if scale is None:
     scale = 1.0 / math.sqrt(H)
   if logits_soft_cap is not None and not logits_soft_cap > 0:
@@ -367,26 +392,8 @@ def _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_
   B = math.prod(batch)
   return _Canonical(
       q=q.reshape(B, T, N, H), k=k.reshape(B, S, K, H), v=v.reshape(B, S, K, H),
-      bias=bias, mask=mask, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-      batch_shape=batch, scale=scale, is_causal=bool(is_causal), window=window,
+      bias=bias, mask=mask, batch_shape=batch, scale=scale,
       logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
-
-
-def _flatten_batch(name: str, x: Array, logits_shape: tuple[int, ...], n_batch: int) -> Array:
-  """Checks that ``x`` broadcasts to the logits and returns it as rank 4 [B|1, N|1, T|1, S|1]."""
-  try:
-    broadcasts = np.broadcast_shapes(x.shape, logits_shape) == logits_shape
-  except ValueError:
-    broadcasts = False
-  if not broadcasts:
-    raise ValueError(f"{name} of shape {x.shape} does not broadcast to the logits' shape "
-                     f"[..., N, T, S] = {logits_shape}")
-  x = x.reshape((1,) * (len(logits_shape) - x.ndim) + x.shape)
-  lead, tail = x.shape[:n_batch], x.shape[n_batch:]
-  if all(d == 1 for d in lead):
-    return x.reshape((1,) + tail)
-  x = jnp.broadcast_to(x, logits_shape[:n_batch] + tail)
-  return x.reshape((-1,) + tail)
 
 
 def _segment_ids(name: str, ids: ArrayLike, shape: tuple[int, ...]) -> Array:

@@ -103,7 +103,9 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: 
     k: key ``[B, S, K, H]``, same dtype as ``q``; N must be a multiple of K.
     v: value ``[B, S, K, H]``, same dtype as ``q``.
     bias: None or float32 ``[B|1, N|1, T|1, S|1]`` added to the scaled logits.
-    mask: None or bool ``[B|1, N|1, T|1, S|1]``, True where the query may attend.
+    mask: None, a bool ``[B|1, N|1, T|1, S|1]`` (True where the query may attend) or a
+      :class:`attnjax.masks.Mask` in canonical form (batch dims flattened); combined with
+      the following masking arguments by AND.
     scale: Python float multiplying q.k (a traced scale is not supported).
     is_causal: key j is visible to query i iff j <= i (top-left aligned).
     window: None or (left, right): key j is visible to query i iff i - left <= j <= i + right.
@@ -133,22 +135,20 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: 
   q_scale = 1.0
   if q.dtype == jnp.float32 or np.frexp(scale)[0] == 0.5:
     q_scale, scale = scale, 1.0
-  if window is not None:  # Unbounded sides would overflow int32 positions.
-    window = masks_lib.clamp_window((int(window[0]), int(window[1])), T, S, bool(is_causal))
-  plan = _Plan(scale=scale, q_scale=q_scale, is_causal=bool(is_causal), window=window,
+  mask = masks_lib.from_arguments(mask, is_causal, window, q_segment_ids, kv_segment_ids,
+                                  (B,), N, T, S)
+  plan = _Plan(scale=scale, q_scale=q_scale,
                soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
                T=T, S=S, G=N // K, bq=bq, bk=bk, lanes=_default_lanes())
+  plan = plan.with_grid(mask)
   pad_t, pad_s = plan.nq * bq - T, plan.nk * bk - S
 
   # The caller's layout, padded to whole blocks: q [B, Tp, K, G, H], k and v [B, Sp, K, H].
   # Blocks are cut along the length axis (see _Layout).
   q5 = _pad_axis(q, 1, pad_t).reshape(B, -1, K, plan.G, H)
   k4, v4 = _pad_axis(k, 1, pad_s), _pad_axis(v, 1, pad_s)
-  extras = _Extras(
-      bias=None if bias is None else _to_5d(bias, K, pad_t, pad_s, 0.0),
-      mask=None if mask is None else _to_5d(mask, K, pad_t, pad_s, False),
-      q_seg=None if q_segment_ids is None else _pad_axis(q_segment_ids, 1, pad_t),
-      kv_seg=None if kv_segment_ids is None else _pad_axis(kv_segment_ids, 1, pad_s))
+  extras = _Extras(bias=None if bias is None else _to_5d(bias, K, pad_t, pad_s, 0.0),
+                   mask=mask)
 
   out5, lse4 = _attend(plan, q5, k4, v4, extras)
   return out5.reshape(B, -1, N, H)[:, :T], lse4.reshape(B, N, -1)[:, :, :T]
@@ -173,11 +173,9 @@ def _next_pow2(n: int) -> int:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class _Extras:
-  """Optional per-logit inputs, padded: bias, mask [B|1, K|1, G|1, Tp|1, Sp|1], ids [B, Tp|Sp]."""
+  """Optional per-logit inputs: bias [B|1, K|1, G|1, Tp|1, Sp|1] (padded) and the mask."""
   bias: Array | None
-  mask: Array | None
-  q_seg: Array | None
-  kv_seg: Array | None
+  mask: masks_lib.Mask | None
 
 
 def _to_5d(x: Array, K: int, pad_t: int, pad_s: int, fill) -> Array:
@@ -191,11 +189,12 @@ def _to_5d(x: Array, K: int, pad_t: int, pad_s: int, fill) -> Array:
 @dataclasses.dataclass(frozen=True)
 class _Plan:
   """Static description of one blockwise attention: options, lengths and block grid. The logits
-  are ``scale * (q_scale * q) . k``: q_scale is applied to each query block as it is cut out."""
+  are ``scale * (q_scale * q) . k``: q_scale is applied to each query block as it is cut out.
+  ``empty`` and ``full`` say which blocks the mask's static part hides entirely or shows
+  entirely (rows of query blocks, columns of key blocks); data-dependent masks are classified
+  at run time (:func:`_runtime_empty`)."""
   scale: float
   q_scale: float
-  is_causal: bool
-  window: tuple[int, int] | None
   soft_cap: float | None
   T: int
   S: int
@@ -203,6 +202,8 @@ class _Plan:
   bq: int
   bk: int
   lanes: int = 1
+  empty: tuple[tuple[bool, ...], ...] = ()
+  full: tuple[tuple[bool, ...], ...] = ()
 
   @property
   def nq(self) -> int:
@@ -212,50 +213,55 @@ class _Plan:
   def nk(self) -> int:
     return -(-self.S // self.bk)
 
+  def with_grid(self, mask: masks_lib.Mask | None) -> _Plan:
+    """This plan with the static block classification of ``mask`` for its block sizes."""
+    empty, full = masks_lib.static_block_grid(mask, self.T, self.S, self.bq, self.bk)
+    if self.S % self.bk:  # The last key block holds padding, hidden by position.
+      full[:, -1] = False
+    return dataclasses.replace(self, empty=tuple(map(tuple, empty.tolist())),
+                               full=tuple(map(tuple, full.tolist())))
+
+  def _grid(self, transpose: bool) -> np.ndarray:
+    """Bool [nq, nk] (or transposed) of the blocks not known to be empty."""
+    grid = np.logical_not(np.asarray(self.empty, bool).reshape(self.nq, self.nk))
+    return grid.T if transpose else grid
+
   def kv_blocks(self, i):
     """Key blocks [lo, hi) that query block i may see (i a Python int or a traced scalar)."""
-    first_q = i * self.bq
-    last_q = _min(first_q + self.bq, self.T) - 1
-    kmin, kmax = 0, self.S - 1
-    if self.is_causal:
-      kmax = _min(kmax, last_q)
-    if self.window is not None:
-      kmin = _max(kmin, first_q - self.window[0])
-      kmax = _min(kmax, last_q + self.window[1])
-    lo = _min(kmin // self.bk, self.nk)
-    return lo, _max(lo, kmax // self.bk + 1)
+    return _pick(_hulls(self._grid(False)), i)
 
   def q_blocks(self, j):
     """Query blocks [lo, hi) that may see key block j (j a Python int or a traced scalar)."""
-    first_k = j * self.bk
-    last_k = _min(first_k + self.bk, self.S) - 1
-    qmin, qmax = 0, self.T - 1
-    if self.is_causal:
-      qmin = _max(qmin, first_k)
-    if self.window is not None:
-      qmin = _max(qmin, first_k - self.window[1])
-      qmax = _min(qmax, last_k + self.window[0])
-    lo = _min(qmin // self.bq, self.nq)
-    return lo, _max(lo, qmax // self.bq + 1)
+    return _pick(_hulls(self._grid(True)), j)
 
   def pairs(self) -> list[tuple[int, int]]:
-    return [(i, j) for i in range(self.nq) for j in range(*self.kv_blocks(i))]
+    return [(i, j) for i in range(self.nq) for j in range(*self.kv_blocks(i))
+            if not self.empty[i][j]]
 
   def unrolled(self) -> bool:
     return len(self.pairs()) <= _MAX_UNROLLED_PAIRS
 
-  def needs_position_mask(self, i, j) -> bool:
-    """Whether block (i, j) holds a key hidden by causality, the window or padding."""
+  def needs_mask(self, i, j) -> bool:
+    """Whether block (i, j) may hold a hidden key (by the mask or padding)."""
     if not isinstance(i, int) or not isinstance(j, int):
       return True
-    first_q, last_q = i * self.bq, min((i + 1) * self.bq, self.T) - 1
-    first_k, last_k = j * self.bk, (j + 1) * self.bk - 1
-    hidden = last_k >= self.S
-    if self.is_causal:
-      hidden |= last_k > first_q
-    if self.window is not None:
-      hidden |= first_k < last_q - self.window[0] or last_k > first_q + self.window[1]
-    return hidden
+    return not self.full[i][j]
+
+
+def _hulls(grid):
+  """[lo, hi) per row of the True entries of a bool grid (NumPy or JAX), (0, 0) if none."""
+  xp = np if isinstance(grid, np.ndarray) else jnp
+  n, any_ = grid.shape[1], grid.any(1)
+  lo = xp.where(any_, grid.argmax(1), 0)
+  hi = xp.where(any_, n - grid[:, ::-1].argmax(1), 0)
+  return lo, hi
+
+
+def _pick(hulls, i):
+  lo, hi = hulls
+  if isinstance(i, int):
+    return int(lo[i]), int(hi[i])
+  return jnp.asarray(lo, jnp.int32)[i], jnp.asarray(hi, jnp.int32)[i]
 
 
 def _min(a, b):
@@ -284,21 +290,30 @@ class _Layout:
   plan: _Plan
   whole: bool  # Transpose whole arrays once (lax loops).
 
-  def queries(self, x: Array, scale: float = 1.0):
-    """i -> query block i of x, heads first [B, K, G, bq, H], times scale."""
+  def queries(self, x: Array, scale: float = 1.0, finite: bool = False, valid: bool = False):
+    """i -> query block i of x, heads first [B, K, G, bq, H], times scale; with non-finite
+    entries zeroed if ``finite``, or rows holding one all NaN if ``valid``."""
     def scaled(x):
+      x = _finite(x) if finite else x
+      if valid:
+        x = jnp.where(jnp.all(jnp.isfinite(x), axis=-1, keepdims=True), x, jnp.nan)
       return x if scale == 1.0 else x * jnp.asarray(scale, x.dtype)
     if self.whole:
       x = scaled(jnp.moveaxis(x, 1, 3))
       return lambda i: _block(x, 3, i, self.plan.bq)
     return lambda i: scaled(jnp.moveaxis(_block(x, 1, i, self.plan.bq), 1, 3))
 
-  def keys(self, x: Array):
-    """j -> key block j of x, heads first [B, K, bk, H]."""
+  def keys(self, x: Array, finite: bool = False, valid: Array | None = None):
+    """j -> key block j of x, heads first [B, K, bk, H], with non-finite entries zeroed if
+    ``finite``, and NaN where ``valid`` (bool [B, Sp, K]) is False."""
+    def cut(x, valid):  # x [B, K, bk, H], valid [B, bk, K]
+      x = _finite(x) if finite else x
+      return x if valid is None else jnp.where(jnp.swapaxes(valid, 1, 2)[..., None], x, jnp.nan)
     if self.whole:
-      x = jnp.swapaxes(x, 1, 2)
+      x = cut(jnp.swapaxes(x, 1, 2), valid)
       return lambda j: _block(x, 2, j, self.plan.bk)
-    return lambda j: jnp.swapaxes(_block(x, 1, j, self.plan.bk), 1, 2)
+    return lambda j: cut(jnp.swapaxes(_block(x, 1, j, self.plan.bk), 1, 2),
+                         None if valid is None else _block(valid, 1, j, self.plan.bk))
 
   def grad(self, shape, size: int):
     """For the gradient of a q-like or k-like array of ``shape`` (length on axis 1, blocks of
@@ -315,13 +330,16 @@ class _Layout:
             lambda acc: acc)
 
 
+def _finite(x: Array) -> Array:
+  """x with non-finite entries replaced by zeros (fused into the copy that cuts a block)."""
+  return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
 def _slice_blocks(plan: _Plan, ex: _Extras, i, j) -> _Extras:
   """The rows of query block i and columns of key block j of the per-logit inputs."""
   def rows_cols(x):
     return None if x is None else _block(_block(x, 3, i, plan.bq), 4, j, plan.bk)
-  return _Extras(bias=rows_cols(ex.bias), mask=rows_cols(ex.mask),
-                 q_seg=None if ex.q_seg is None else _block(ex.q_seg, 1, i, plan.bq),
-                 kv_seg=None if ex.kv_seg is None else _block(ex.kv_seg, 1, j, plan.bk))
+  return _Extras(bias=rows_cols(ex.bias), mask=ex.mask)
 
 
 def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j):
@@ -335,23 +353,27 @@ def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j):
   if plan.soft_cap is not None:
     tanh = jnp.tanh(s / plan.soft_cap)
     s = plan.soft_cap * tanh
-  visible = []
-  if ex_blk.mask is not None:
-    visible.append(ex_blk.mask)
-  if ex_blk.q_seg is not None:
-    visible.append((ex_blk.q_seg[:, :, None] == ex_blk.kv_seg[:, None, :])[:, None, None])
-  if plan.needs_position_mask(i, j):
-    q_pos = i * plan.bq + lax.broadcasted_iota(jnp.int32, (plan.bq, plan.bk), 0)
-    k_pos = j * plan.bk + lax.broadcasted_iota(jnp.int32, (plan.bq, plan.bk), 1)
-    pos = k_pos < plan.S
-    if plan.is_causal:
-      pos &= k_pos <= q_pos
-    if plan.window is not None:
-      pos &= (k_pos >= q_pos - plan.window[0]) & (k_pos <= q_pos + plan.window[1])
-    visible.append(pos)
-  if visible:
-    s = jnp.where(functools.reduce(jnp.logical_and, visible), s, _HIDDEN)
+  if plan.needs_mask(i, j):
+    s = jnp.where(_visible(plan, ex_blk.mask, s.shape, i, j), s, _HIDDEN)
   return s, tanh
+
+
+def _visible(plan: _Plan, mask: masks_lib.Mask | None, shape, i, j) -> Array:
+  """The mask's rule on block (i, j), and keys past S hidden: bool, broadcastable to
+  ``shape`` = [B, K, G, bq, bk]."""
+  B, K, G = shape[:3]
+  q_idx = (i * plan.bq + lax.iota(jnp.int32, plan.bq)).reshape(1, 1, -1, 1)
+  kv_idx = (j * plan.bk + lax.iota(jnp.int32, plan.bk)).reshape(1, 1, 1, -1)
+  visible = kv_idx < plan.S
+  if mask is not None:
+    batch = lax.iota(jnp.int32, B).reshape(-1, 1, 1, 1)
+    head = lax.iota(jnp.int32, K * G).reshape(1, -1, 1, 1)
+    m = mask(batch, head, q_idx, kv_idx)
+    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+    visible = visible & m
+  b, n = visible.shape[:2]
+  heads = (K, G) if n > 1 else (1, 1)
+  return visible.reshape((b,) + heads + visible.shape[2:])
 
 
 def _token(*xs: Array) -> Array:
@@ -386,8 +408,10 @@ def _lanes(work: list[int], lanes: int) -> list[list[int]]:
 
 
 def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, shared, finish=None,
-           start=None):
-  """Runs ``for o: c = init(o); for n in inner_blocks(o): c, shared = step(o, n, c, shared)``.
+           start=None, transpose: bool = False, runtime_empty: Array | None = None):
+  """Runs ``for o: c = init(o); for n in inner_blocks(o): c, shared = step(o, n, c, shared)``,
+  skipping the blocks (o, n) that the plan's static grid, or ``runtime_empty`` (bool
+  [nq, nk], traced), says are empty (``transpose``: o indexes key blocks, n query blocks).
 
   The carry's last element is a :func:`_token` of the step's last results, which the next step
   (and the next outer block in the same lane) waits for; the first outer blocks wait for the
@@ -402,16 +426,28 @@ def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, shared, finish=N
   as lax loops.
   """
   finish = finish or (lambda o, carry: ())
+  if runtime_empty is not None and transpose:
+    runtime_empty = runtime_empty.T
+
+  def guarded(o, n, carry, shared):  # step, or nothing where the data hide the whole block
+    if runtime_empty is None:
+      return step(o, n, carry, shared)
+    return lax.cond(runtime_empty[o, n], lambda c, sh: (c, sh),
+                    lambda c, sh: step(o, n, c, sh), carry, shared)
+
   if plan.unrolled():
-    work = [len(range(*inner_blocks(o))) for o in range(n_outer)]
+    def inner(o):
+      return [n for n in range(*inner_blocks(o))
+              if not (plan.empty[n][o] if transpose else plan.empty[o][n])]
+    work = [len(inner(o)) for o in range(n_outer)]
     state, results = {"shared": shared}, [None] * n_outer
 
     def lane(blocks):
       previous = start
       for o in blocks:
         carry = _after(previous, init(o), True)
-        for n in range(*inner_blocks(o)):
-          carry, state["shared"] = step(o, n, carry, state["shared"])
+        for n in inner(o):
+          carry, state["shared"] = guarded(o, n, carry, state["shared"])
           yield
         results[o], previous = finish(o, carry), carry[-1]
 
@@ -420,9 +456,14 @@ def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, shared, finish=N
       lanes = [it for it in lanes if next(it, StopIteration) is not StopIteration]
     return state["shared"], jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=3), *results)
 
+  hull = None if runtime_empty is None else _hulls(jnp.logical_not(runtime_empty))
+
   def outer(shared, o):
-    carry, shared = lax.fori_loop(*inner_blocks(o), lambda n, c: step(o, n, *c),
-                                  (init(o), shared))
+    lo, hi = inner_blocks(o)
+    if hull is not None:  # Only the blocks between the first and last the data show.
+      lo = jnp.maximum(lo, hull[0][o])
+      hi = jnp.maximum(lo, jnp.minimum(hi, hull[1][o]))
+    carry, shared = lax.fori_loop(lo, hi, lambda n, c: guarded(o, n, *c), (init(o), shared))
     return shared, finish(o, carry)
 
   shared, results = lax.scan(outer, shared, jnp.arange(n_outer))
@@ -438,8 +479,13 @@ def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
   B, Tp, K, G, H = q5.shape
   unrolled = plan.unrolled()
   layout = _Layout(plan, whole=not unrolled)
-  q_block = layout.queries(q5, plan.q_scale)
-  k_block, v_block = layout.keys(k4), layout.keys(v4)
+  # A value hidden from a query must not reach it through 0 * NaN in p @ v: values are cut
+  # with non-finite entries zeroed. A query, or the key of a key/value pair, with a
+  # non-finite entry is cut as all NaN, so that exactly the rows that see it get a NaN logit
+  # (whatever q.k would have been), and so a NaN output and lse.
+  q_block = layout.queries(q5, plan.q_scale, valid=True)
+  kv_ok = jnp.all(jnp.isfinite(k4) & jnp.isfinite(v4), axis=-1)
+  k_block, v_block = layout.keys(k4, valid=kv_ok), layout.keys(v4, finite=True)
 
   def init(i):
     return (q_block(i), jnp.full((B, K, G, plan.bq), _MAX_START, jnp.float32),
@@ -464,7 +510,9 @@ def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
     inv_sum = jnp.where(row_sum > 0, 1 / row_sum, 0.0)
     return (acc * inv_sum[..., None]).astype(q5.dtype), m + jnp.log(row_sum)
 
-  _, (out, lse4) = _sweep(plan, plan.nq, plan.kv_blocks, init, step, None, finish)
+  empty = masks_lib.runtime_block_empty(ex.mask, plan.T, plan.S, plan.bq, plan.bk)
+  _, (out, lse4) = _sweep(plan, plan.nq, plan.kv_blocks, init, step, None, finish,
+                          runtime_empty=empty)
   return jnp.moveaxis(out, 3, 1), lse4
 
 
@@ -478,16 +526,23 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
   do^T p fast but p^T do slowly."""
   unrolled = plan.unrolled()
   layout = _Layout(plan, whole=not unrolled)
-  q_block, do_block = layout.queries(q5, plan.q_scale), layout.queries(dout5)
-  k_block, v_block = layout.keys(k4), layout.keys(v4)
+  # Blocks are cut with non-finite entries zeroed (a hidden NaN must not reach other rows
+  # through 0 * NaN in the matmuls), and rows whose forward result was NaN (they saw a
+  # non-finite entry) count as empty: they pass no gradient on.
+  q_block = layout.queries(q5, plan.q_scale, finite=True)
+  do_block = layout.queries(dout5)
+  k_block, v_block = layout.keys(k4, finite=True), layout.keys(v4, finite=True)
   dq, add_dq, dq_done = layout.grad(q5.shape, plan.bq)
   dk, add_dk, dk_done = layout.grad(k4.shape, plan.bk)
   dv, add_dv, dv_done = layout.grad(v4.shape, plan.bk)
   # d lse / d logit = p, so the lse cotangent enters like a shift of rowsum(dout * out).
   delta = jnp.einsum("bqkgh,bqkgh->bkgq", dout5.astype(jnp.float32), out5.astype(jnp.float32))
   delta = delta - dlse4
-  # A row with no visible key has lse = -inf; +inf makes its probabilities exp(-inf) = 0.
-  lse_safe = jnp.where(jnp.isneginf(lse4), jnp.inf, lse4)
+  # A row with no visible key has lse = -inf, a row that saw a non-finite entry NaN; +inf
+  # makes their probabilities exp(-inf) = 0.
+  empty = jnp.isneginf(lse4) | jnp.isnan(lse4)
+  lse_safe = jnp.where(empty, jnp.inf, lse4)
+  delta = jnp.where(empty, 0.0, delta)
 
   def init(j):
     return k_block(j), v_block(j), jnp.zeros((), jnp.float32)
@@ -519,7 +574,9 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
 
   shared = (dq, dk, dv, None if ex.bias is None else jnp.zeros(ex.bias.shape, jnp.float32))
   # The first key blocks wait for delta, so that XLA does not cut them out at the very start.
+  empty = masks_lib.runtime_block_empty(ex.mask, plan.T, plan.S, plan.bq, plan.bk)
   dq, dk, dv, dbias5 = _sweep(plan, plan.nk, plan.q_blocks, init, step, shared,
+                              transpose=True, runtime_empty=empty,
                               start=_token(delta))[0]
   return dq_done(dq), dk_done(dk), dv_done(dv), dbias5
 
@@ -556,9 +613,9 @@ def _attend_bwd(plan, residuals, cotangents):
   dout5, dlse4 = cotangents
   # Square blocks: each key block's sweep over query blocks then cuts out small blocks of q and
   # dout, and the block logits stay as small as the forward pass's key blocks.
-  plan = dataclasses.replace(plan, bq=min(plan.bq, plan.bk))
+  plan = dataclasses.replace(plan, bq=min(plan.bq, plan.bk)).with_grid(ex.mask)
   dq5, dk4, dv4, dbias5 = _backward(plan, q5, k4, v4, ex, out5, lse4, dout5, dlse4)
-  dex = _Extras(bias=dbias5, mask=None, q_seg=None, kv_seg=None)
+  dex = _Extras(bias=dbias5, mask=None)
   return dq5.astype(q5.dtype), dk4.astype(k4.dtype), dv4.astype(v4.dtype), dex
 
 

@@ -350,9 +350,9 @@ def test_dropout_rate_zero_and_rng_determinism():
 
   first = dropped(jax.random.key(0))
   np.testing.assert_array_equal(dropped(jax.random.key(0)), first)
-  np.testing.assert_array_equal(
+  np.testing.assert_allclose(  # The same weights dropped; eager and jit may round apart.
     attnjax.dot_product_attention(**arrays, dropout_rate=0.5, dropout_rng=jax.random.key(0)),
-    first,
+    first, rtol=1e-6, atol=1e-6,
   )
   assert not np.allclose(dropped(jax.random.key(1)), first)
   assert not np.allclose(first, want)

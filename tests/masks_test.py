@@ -169,3 +169,191 @@ def test_vmap_over_unbatched_inputs_matches_batched_call():
   np.testing.assert_array_equal(
     jax.vmap(attnjax.combine_masks)(*masks), attnjax.combine_masks(*masks)
   )
+
+
+# ----------------------------------------------------------------------------- mask objects
+
+from attnjax import blockwise as _blockwise  # noqa: E402
+from attnjax import masks  # noqa: E402
+
+
+def _rule(name, B, T, S, rng):
+  """(mask object, NumPy [B, N|1, T, S] visibility) of a named mask, from its definition."""
+  i, j = np.arange(T)[:, None], np.arange(S)[None]
+  if name == "causal":
+    return masks.Causal(), (j <= i)[None, None]
+  if name == "causal_offset":
+    return masks.Causal(offset=5), (j <= i + 5)[None, None]
+  if name == "window":
+    return masks.LocalWindow(7, 2), ((j >= i - 7) & (j <= i + 2))[None, None]
+  if name == "chunked":
+    return masks.Chunked(12), (i // 12 == j // 12)[None, None]
+  if name == "prefix":
+    p = np.array([9, 0, 30])[:B]
+    return masks.PrefixLM(jnp.asarray(p)), ((j <= i) | (j < p[:, None, None]))[:, None]
+  if name == "segments":
+    qs = np.sort(rng.integers(0, 4, (B, T)), -1)
+    ks = np.sort(rng.integers(0, 4, (B, S)), -1)
+    return (masks.Segments(jnp.asarray(qs), jnp.asarray(ks)),
+            (qs[:, :, None] == ks[:, None, :])[:, None])
+  if name == "lengths":
+    ql, kl = np.array([T, 5, 0])[:B], np.array([3, S, 17])[:B]
+    return (masks.Lengths(jnp.asarray(ql), jnp.asarray(kl)),
+            ((i < ql[:, None, None]) & (j < kl[:, None, None]))[:, None])
+  if name == "fn_heads":
+    fn = lambda b, h, qi, ki: (ki + h) % 3 != 0  # noqa: E731
+    return masks.MaskFn(fn), ((j + np.arange(4)[:, None, None]) % 3 != 0)[None]
+  if name == "array":
+    m = rng.random((B, 1, T, S)) < 0.6
+    return m, m
+  raise ValueError(name)
+
+
+NAMES = ["causal", "causal_offset", "window", "chunked", "prefix", "segments", "lengths",
+         "fn_heads", "array"]
+COMBOS = [("causal", "&", "chunked"), ("segments", "&", "causal"), ("window", "|", "prefix"),
+          ("lengths", "&", "fn_heads"), ("causal", "~", None), ("array", "&", "window")]
+
+
+def _combo(combo, B, T, S, rng):
+  a, op, b = combo
+  ma, va = _rule(a, B, T, S, rng)
+  if op == "~":
+    return ~masks.as_mask(ma), ~va
+  mb, vb = _rule(b, B, T, S, rng)
+  mo = masks.as_mask(ma)
+  return (mo & mb, va & vb) if op == "&" else (mo | mb, va | vb)
+
+
+def _problem(T, S, seed=0):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.normal(size=(3, T, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(3, S, 2, 8)), jnp.float32) for _ in range(2))
+  return rng, q, k, v
+
+
+def _naive(q, k, v, visible):
+  """float64 NumPy attention with a [B, N|1, T, S] visibility; empty rows give zeros."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  k, v = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)
+  logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  vis = np.broadcast_to(visible, logits.shape)
+  logits = np.where(vis, logits, -np.inf)
+  m = np.max(logits, -1, keepdims=True)
+  p = np.where(vis, np.exp(logits - np.where(np.isfinite(m), m, 0)), 0)
+  p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+  return np.einsum("bnts,bsnh->btnh", p, v)
+
+
+@pytest.mark.parametrize("case", NAMES + [f"{a}{op}{b or ''}" for a, op, b in COMBOS])
+@pytest.mark.parametrize("impl", ["xla", "blockwise"])
+def test_mask_objects_match_their_rule(case, impl):
+  T, S = 37, 45
+  rng, q, k, v = _problem(T, S)
+  combo = next((c for c in COMBOS if f"{c[0]}{c[1]}{c[2] or ''}" == case), None)
+  mask, visible = _combo(combo, 3, T, S, rng) if combo else _rule(case, 3, T, S, rng)
+  fn = jax.jit(lambda q, k, v, mask: attnjax.dot_product_attention(
+      q, k, v, mask=mask, implementation=impl, block_sizes=(16, 8)))
+  np.testing.assert_allclose(fn(q, k, v, mask), _naive(q, k, v, visible), atol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["causal", "window", "chunked", "prefix", "segments",
+                                  "lengths", "fn_heads", "array"])
+@pytest.mark.parametrize("block", [(8, 8), (16, 4), (32, 16)])
+def test_block_grid_is_sound(case, block):
+  T, S = 37, 45
+  rng = np.random.default_rng(3)
+  mask, visible = _rule(case, 3, T, S, rng)
+  mask = masks.as_mask(mask).canonical((3,), 4, T, S)
+  bq, bk = block
+  empty, full = mask.block_grid(T, S, bq, bk)
+  vis = np.broadcast_to(visible, (3, 4, T, S))
+  for i in range(-(-T // bq)):
+    for j in range(-(-S // bk)):
+      blk = vis[:, :, i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+      if empty is not None and np.asarray(empty)[i, j]:
+        assert not blk.any(), (i, j)
+      if full is not None and np.asarray(full)[i, j]:
+        assert blk.all(), (i, j)
+  if case in ("causal", "window", "chunked"):  # exact, and static
+    assert isinstance(empty, np.ndarray)
+    for i in range(-(-T // bq)):
+      for j in range(-(-S // bk)):
+        blk = vis[:, :, i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+        assert empty[i, j] == (not blk.any()) and full[i, j] == blk.all()
+
+
+@pytest.mark.parametrize("case", ["segments&causal", "window|prefix", "lengths&fn_heads",
+                                  "causal&chunked"])
+@pytest.mark.parametrize("loops", [False, True])
+def test_blockwise_gradients_with_mask_objects(case, loops, monkeypatch):
+  if loops:
+    monkeypatch.setattr(_blockwise, "_MAX_UNROLLED_PAIRS", 0)
+  T, S = 33, 40
+  rng, q, k, v = _problem(T, S, 1)
+  combo = next(c for c in COMBOS if f"{c[0]}{c[1]}{c[2] or ''}" == case)
+  mask, _ = _combo(combo, 3, T, S, rng)
+  ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  def grads(impl):
+    def loss(q, k, v):
+      return jnp.sum(attnjax.dot_product_attention(q, k, v, mask=mask, implementation=impl,
+                                                   block_sizes=(8, 8)) * ct)
+    return jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
+  for g, w in zip(grads("blockwise"), grads("xla")):
+    np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
+
+
+def test_keyword_arguments_are_sugar_over_mask_objects():
+  T = S = 40
+  rng, q, k, v = _problem(T, S, 2)
+  ids = jnp.asarray(np.sort(rng.integers(0, 3, (3, T)), -1))
+  for impl in ("xla", "blockwise"):
+    kw = attnjax.dot_product_attention(q, k, v, is_causal=True, local_window_size=(5, 0),
+                                       q_segment_ids=ids, kv_segment_ids=ids,
+                                       implementation=impl)
+    obj = attnjax.dot_product_attention(
+        q, k, v, mask=masks.Causal() & masks.LocalWindow(5, 0) & masks.Segments(ids, ids),
+        implementation=impl)
+    np.testing.assert_array_equal(kw, obj)
+
+
+def test_packed_documents_skip_blocks_at_run_time():
+  T, docs = 256, 8
+  ids = jnp.repeat(jnp.arange(docs), T // docs)[None]
+  mask = (masks.Segments(ids, ids) & masks.Causal()).canonical((1,), 1, T, T)
+  empty = jax.jit(lambda m: masks.runtime_block_empty(m, T, T, 32, 32))(mask)
+  expected = ~np.eye(8, dtype=bool) | np.triu(np.ones((8, 8), bool), 1)
+  np.testing.assert_array_equal(empty, expected)
+  # The blockwise program holds a conditional around the block body for traced masks.
+  hlo = jax.jit(lambda q, ids: attnjax.dot_product_attention(
+      q, q, q, mask=masks.Segments(ids, ids), implementation="blockwise",
+      block_sizes=(32, 32))).lower(jnp.zeros((1, T, 1, 8)), ids).as_text()
+  assert "conditional" in hlo or "case" in hlo
+
+
+def test_mask_object_errors_name_the_argument():
+  q = jnp.zeros((2, 8, 2, 4))
+  with pytest.raises(TypeError, match="MaskFn"):
+    attnjax.dot_product_attention(q, q, q, mask=masks.MaskFn(lambda b, h, i, j: i - j))
+  with pytest.raises(ValueError, match="q_segment_ids"):
+    attnjax.dot_product_attention(q, q, q, mask=masks.Segments(jnp.zeros((2, 7), int),
+                                                               jnp.zeros((2, 8), int)))
+  with pytest.raises(ValueError, match="kv_lengths"):
+    attnjax.dot_product_attention(q, q, q, mask=masks.Lengths(jnp.zeros(2, int),
+                                                              jnp.zeros(3, int)))
+  with pytest.raises(ValueError, match="Chunked"):
+    masks.Chunked(0)
+  with pytest.raises(ValueError, match="LocalWindow"):
+    masks.LocalWindow(-1, 0)
+
+
+def test_mask_objects_under_vmap():
+  T = S = 20
+  rng, q, k, v = _problem(T, S, 4)
+  ids = jnp.asarray(np.sort(rng.integers(0, 3, (3, T)), -1))
+  def one(q, k, v, ids):
+    return attnjax.dot_product_attention(q, k, v, mask=masks.Segments(ids, ids) & masks.Causal(),
+                                         implementation="blockwise", block_sizes=(8, 8))
+  batched = attnjax.dot_product_attention(q, k, v, mask=masks.Segments(ids, ids) & masks.Causal(),
+                                          implementation="xla")
+  np.testing.assert_allclose(jax.vmap(one)(q, k, v, ids), batched, atol=2e-5)

@@ -133,3 +133,94 @@ def test_cache_overrun_under_jit_poisons_the_outputs():
   call = nnx.jit(lambda layer, x_t: layer(x_t))
   outs = [call(layer, x[:, t:t + 1]) for t in range(5)]
   assert np.all(np.isfinite(outs[3])) and np.all(np.isnan(outs[4]))
+
+
+def _padded_problem(seed, T=40, S=48):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(2, T, 4, 8)).astype("f4")
+  k, v = (rng.normal(size=(2, S, 2, 8)).astype("f4") for _ in range(2))
+  return q, k, v
+
+
+def _plant(x, rows, values):
+  """x with the entries [b, row, head, 0] for each row in rows[b] set to cycling values."""
+  x = x.copy()
+  for b, rs in enumerate(rows):
+    for n, r in enumerate(rs):
+      x[b, r, n % x.shape[2], n % x.shape[3]] = values[n % len(values)]
+  return x
+
+
+BAD = [np.nan, np.inf, -np.inf]
+
+
+def _masked_loss_grads(fn, q, k, v, live_rows, **kw):
+  """Outputs and gradients of a loss that reads only the live query rows ([B, T] bool)."""
+  ct = np.random.default_rng(7).normal(size=q.shape).astype("f4") * live_rows[..., None, None]
+  def loss(q, k, v):
+    out, lse = fn(q, k, v, **kw)
+    lse_term = jnp.where(live_rows[:, None, :] & jnp.isfinite(lse), lse, 0.0)
+    return jnp.sum(jnp.where(live_rows[..., None, None], out, 0.0) * ct) + jnp.sum(lse_term), out
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+  return np.asarray(out), [np.asarray(g) for g in grads]
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("masking", ["lengths", "segments", "causal"])
+def test_non_finite_padding_reaches_no_other_position(plan, masking, monkeypatch):
+  fn = _attention(plan, monkeypatch)
+  T, S = 40, 48
+  q, k, v = _padded_problem(0, T, S)
+  q_len, kv_len = np.array([31, 40]), np.array([29, 48])
+  pad_q = [range(q_len[b], T) for b in range(2)]
+  pad_kv = [range(kv_len[b], S) for b in range(2)]
+  if masking == "lengths":
+    kw = dict(mask=attnjax.lengths_mask(q_len, kv_len, T, S))
+  elif masking == "segments":  # Padding is a segment of its own, seen by padding queries.
+    kw = dict(q_segment_ids=(np.arange(T) >= q_len[:, None]).astype("i4"),
+              kv_segment_ids=(np.arange(S) >= kv_len[:, None]).astype("i4"))
+  else:  # Padding only at the end of the keys; padded queries see it and are not read.
+    q, k, v = _padded_problem(0, S, S)
+    q_len, pad_q = kv_len, pad_kv
+    kw = dict(is_causal=True)
+  live = np.arange(q.shape[1]) < q_len[:, None]
+  bad_q, bad_k, bad_v = (_plant(x, pads, BAD) for x, pads in ((q, pad_q), (k, pad_kv),
+                                                                (v, pad_kv)))
+  zero = lambda x, pads: _plant(x, pads, [0.0])  # noqa: E731
+  got_out, got_grads = _masked_loss_grads(fn, bad_q, bad_k, bad_v, live, **kw)
+  want_out, want_grads = _masked_loss_grads(fn, zero(q, pad_q), zero(k, pad_kv),
+                                            zero(v, pad_kv), live, **kw)
+  np.testing.assert_allclose(got_out[live], want_out[live], rtol=1e-6, atol=1e-6)
+  for name, g, w in zip("qkv", got_grads, want_grads):
+    assert np.all(np.isfinite(g)), f"d{name} is not finite"
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("where", ["query", "key", "value"])
+def test_a_visible_non_finite_entry_makes_exactly_the_rows_that_see_it_nan(plan, where,
+                                                                            monkeypatch):
+  fn = _attention(plan, monkeypatch)
+  T = S = 36
+  q, k, v = _padded_problem(1, T, S)
+  segments = (np.arange(T) >= 20).astype("i4")[None].repeat(2, 0)
+  kw = dict(is_causal=True, local_window_size=(6, 0), q_segment_ids=segments,
+            kv_segment_ids=segments)
+  pos, head = 9, 1  # batch 0, position 9, head 1 (key/value head 1 serves query heads 2, 3)
+  x = {"query": q, "key": k, "value": v}[where].copy()
+  x[0, pos, head, 3] = np.nan
+  args = {"query": (x, k, v), "key": (q, x, v), "value": (q, k, x)}[where]
+  out, lse = jax.jit(lambda q, k, v: fn(q, k, v, **kw))(*args)
+  i, j = np.arange(T)[:, None], np.arange(S)[None]
+  visible = (j <= i) & (j >= i - 6) & (segments[0][:, None] == segments[0][None])
+  expected = np.zeros((2, T, 4), bool)
+  if where == "query":
+    expected[0, pos, head] = True
+  else:
+    expected[0, :, 2] = expected[0, :, 3] = visible[:, pos]
+  np.testing.assert_array_equal(np.isnan(np.asarray(out)).any(-1), expected)
+  np.testing.assert_array_equal(np.isnan(np.asarray(out)).all(-1), expected)
+  np.testing.assert_array_equal(np.isnan(np.asarray(lse)), np.swapaxes(expected, 1, 2))
+  clean = fn(q, k, v, **kw)
+  np.testing.assert_allclose(np.asarray(out)[~expected], np.asarray(clean[0])[~expected],
+                             rtol=1e-6, atol=1e-6)
