@@ -6,7 +6,9 @@ r"""Trains and evaluates a Transformer on a toy task (copy, reverse, duplicate, 
       --config.model.num_layers=4
 
 Writes config.json, metrics.jsonl, checkpoints/, results.json and figures to the workdir;
-rerunning resumes from the latest checkpoint (see attnjax.toy.train).
+rerunning resumes from the newest intact checkpoint. One run at a time holds a workdir, and a
+rerun that changes how training proceeds (seed, optimizer, batch size, ...) is refused unless
+--allow_config_change is given (see attnjax.toy.train).
 """
 
 from absl import app, flags, logging
@@ -17,6 +19,10 @@ from attnjax.toy import train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume even if the config changes fields that alter training (recorded in "
+    "config_history.jsonl).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,7 +31,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                           allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == "__main__":

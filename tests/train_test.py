@@ -1,11 +1,16 @@
-"""Tests of attnjax.toy.train: smoke runs, resumption, workdir checks, NaN stop, data parallel."""
+"""Tests of attnjax.toy.train: smoke runs, resumption, workdir checks, NaN stop, data parallel,
+config validation, and runs that are killed, concurrent or left with damaged files."""
 
+import glob
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +103,10 @@ def test_rerun_resumes_and_matches_an_uninterrupted_run(copy_run, tmp_path, caps
   resumed = train.train_and_evaluate(_smoke(**{"train.num_steps": 20}), workdir)
   assert "Resuming from step 10" in capsys.readouterr().out
   assert _steps(workdir) == [10, 20] and _metric_steps(workdir) == [5, 10, 15, 20]
+  # Extending a run under the constant schedule needs no permission, and is recorded.
+  (entry,) = _history(workdir)
+  assert entry["step"] == 10 and entry["changes"]["train.num_steps"] == {
+      "old": 10, "new": 20, "alters_training": False}
   straight = train.train_and_evaluate(_smoke(**{"train.num_steps": 20}), str(tmp_path / "s"))
   assert resumed["buckets"] == straight["buckets"]  # same data, dropout and updates
 
@@ -106,9 +115,20 @@ def test_rerun_resumes_and_matches_an_uninterrupted_run(copy_run, tmp_path, caps
   assert again["buckets"] == resumed["buckets"] and _steps(workdir) == [10, 20]
 
 
+def _mtimes(workdir):
+  """Modification times of the workdir's entries but ``lock`` (which every run rewrites)."""
+  return {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)
+          if name != "lock"}
+
+
+def _history(workdir):
+  with open(os.path.join(workdir, "config_history.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
 def test_incompatible_workdir_is_an_error_and_nothing_is_written(copy_run):
   workdir = copy_run[0]
-  before = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
+  before = _mtimes(workdir)
   with pytest.raises(train.IncompatibleWorkdirError, match="model.d_model: 32 in the"):
     train.train_and_evaluate(_smoke(**{"model.d_model": 48}), workdir)
   # Same config.json but another model in the checkpoint (config.json edited by hand).
@@ -118,16 +138,16 @@ def test_incompatible_workdir_is_an_error_and_nothing_is_written(copy_run):
       train.train_and_evaluate(_smoke(**{"model.mlp_dim": 16}), workdir)
   finally:
     os.rename(os.path.join(workdir, "config.bak"), os.path.join(workdir, "config.json"))
-  after = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
-  assert after == before
+  assert _mtimes(workdir) == before
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(copy_run, tmp_path):
   workdir = str(tmp_path / "nan")
   shutil.copytree(copy_run[0], workdir)
-  config = _smoke(**{"train.num_steps": 30, "optimizer.learning_rate": float("nan")})
+  # Adam moves every parameter by about the learning rate: 1e30 overflows within 3 steps.
+  config = _smoke(**{"train.num_steps": 30, "optimizer.learning_rate": 1e30})
   with pytest.raises(train.NonFiniteLossError, match=r"last good checkpoint \(step 10\)"):
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, allow_config_change=True)
   assert _steps(workdir) == [10]
 
 
@@ -218,3 +238,210 @@ def test_data_parallel_step_on_8_devices_matches_one_device():
   assert "8 devices, sharding of a batch: 8" in proc.stdout
   assert "1 devices, sharding of a batch: 1" in proc.stdout
   assert proc.stdout.strip().endswith("OK")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("train.log_every", 0), ("train.checkpoint_every", 0), ("train.batch_size", 0),
+    ("train.num_steps", -5), ("train.num_steps", 0), ("train.eval_every", -1),
+    ("train.keep_checkpoints", 0), ("train.label_smoothing", 1.0),
+    ("optimizer.learning_rate", float("nan")), ("optimizer.learning_rate", -1e-3),
+    ("optimizer.warmup_steps", -1), ("optimizer.b2", 1.0), ("optimizer.eps", float("inf")),
+    ("optimizer.grad_clip_norm", -1.0), ("eval.num_sequences", 0),
+    ("eval.length_multipliers", (2, 0)), ("eval.num_attention_examples", -1)])
+def test_invalid_config_values_are_refused_before_anything_is_written(tmp_path, field, value):
+  config = _smoke(**{field: value})
+  message = rf"config\.{re.escape(field)} must be .*, got {re.escape(repr(value))}"
+  with pytest.raises(ValueError, match=message):
+    train.validate_config(config)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_every_shipped_config_is_valid_and_errors_are_reported_together():
+  for module in (copy_config, reverse, duplicate, associative_recall, annotated_copy):
+    for arg in (None, "smoke"):
+      train.validate_config(module.get_config(arg))
+  with pytest.raises(ValueError, match=r"batch_size must be .* got 0; .*log_every must be"):
+    train.validate_config(_smoke(**{"train.log_every": 0, "train.batch_size": 0}))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"optimizer.learning_rate": 1e-3}, {"seed": 1}, {"train.batch_size": 8},
+    {"train.label_smoothing": 0.1}, {"optimizer.schedule": "cosine"},
+    # num_steps sets the length of a cosine schedule's decay.
+    {"train.num_steps": 20, "optimizer.schedule": "cosine"}])
+def test_resuming_with_a_change_that_alters_training_is_refused(copy_run, overrides):
+  workdir = copy_run[0]
+  before = _mtimes(workdir)
+  field, value = next(iter(overrides.items()))
+  with pytest.raises(train.ConfigChangeError,
+                     match=rf"{re.escape(field)}: .* in the workdir, {re.escape(repr(value))} now"
+                     r".*--allow_config_change"):
+    train.train_and_evaluate(_smoke(**overrides), workdir)
+  assert _mtimes(workdir) == before
+
+
+def test_an_allowed_config_change_is_recorded(copy_run, tmp_path):
+  workdir = str(tmp_path / "changed")
+  shutil.copytree(copy_run[0], workdir)
+  config = _smoke(**{"optimizer.learning_rate": 1e-3, "eval.check_overlap": False})
+  train.train_and_evaluate(config, workdir, allow_config_change=True)  # evaluates only
+  (entry,) = _history(workdir)
+  assert entry["step"] == 10 and entry["changes"] == {
+      "optimizer.learning_rate": {"old": 3e-3, "new": 1e-3, "alters_training": True},
+      "eval.check_overlap": {"old": True, "new": False, "alters_training": False},
+      "plots": {"old": True, "new": False, "alters_training": False}}
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["optimizer"]["learning_rate"] == 1e-3
+
+
+def test_metrics_deleted_during_a_run_are_rewritten_and_a_plotting_error_is_logged(
+    tmp_path, monkeypatch, caplog):
+  workdir = str(tmp_path / "run")
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  summarize_bucket = evaluation.summarize_bucket
+
+  def delete_metrics_then_summarize(*args, **kwargs):  # first called at the step-10 eval
+    if os.path.exists(metrics_path) and _metric_steps(workdir) == [5]:
+      os.remove(metrics_path)
+    return summarize_bucket(*args, **kwargs)
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("no display")
+
+  monkeypatch.setattr(evaluation, "summarize_bucket", delete_metrics_then_summarize)
+  monkeypatch.setattr(train.plotting, "attention_maps", fail)
+  results = train.train_and_evaluate(_smoke(plots=True), workdir)
+  assert _metric_steps(workdir) == [5, 10]
+  assert "deleted or replaced during the run" in caplog.text
+  assert "Plotting failed" in caplog.text and "no display" in caplog.text
+  assert os.path.exists(os.path.join(workdir, "curves.png"))  # drawn before the failure
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["buckets"] == results["buckets"]
+
+
+# The command line, in separate processes: concurrent, killed and damaged runs.
+# The fields of _smoke(), so that the compiled programs come from the cache.
+CLI_FLAGS = ("--config=configs/copy.py:smoke", "--config.plots=False",
+             "--config.optimizer.schedule=constant", "--config.eval.check_overlap=False",
+             "--config.train.checkpoint_every=5")
+
+
+def _cli(workdir, *flags):
+  """Starts the command (smoke config, checkpoints every 5 steps) on ``workdir``, with its
+  output in files beside the workdir and the test's compilation cache."""
+  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  env.pop("XLA_FLAGS", None)
+  log = f"{workdir}.{len(glob.glob(workdir + '.*.out'))}"
+  with open(log + ".out", "w") as out, open(log + ".err", "w") as err:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.copy_task", f"--workdir={workdir}", *CLI_FLAGS,
+         *flags], cwd=REPO, env=env, stdout=out, stderr=err)
+  proc.out, proc.err = log + ".out", log + ".err"
+  return proc
+
+
+def _finish(proc):
+  """Waits for ``proc``; returns ``(returncode, stdout, stderr)``."""
+  proc.wait(timeout=600)
+  with open(proc.out) as out, open(proc.err) as err:
+    return proc.returncode, out.read(), err.read()
+
+
+def _wait_until_locked_by(proc, workdir):
+  """Polls until ``proc`` holds the workdir (its pid is in ``lock``)."""
+  path = os.path.join(workdir, "lock")
+  while proc.poll() is None:
+    if os.path.exists(path):
+      with open(path) as f:
+        if f.read().startswith(f"pid {proc.pid} "):
+          return
+    time.sleep(0.05)
+  raise AssertionError(f"the run ended before taking the lock: {_finish(proc)}")
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+  """A 20-step smoke run of the command (checkpoints 10, 15, 20), stopped (SIGSTOP) while it
+  held the workdir so that a second run into it could try and fail; returns the workdir
+  and both ``(returncode, stdout, stderr, pid)``."""
+  workdir = str(tmp_path_factory.mktemp("cli") / "run")
+  first = _cli(workdir)
+  try:
+    _wait_until_locked_by(first, workdir)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+      second = _finish(_cli(workdir))
+    finally:
+      os.kill(first.pid, signal.SIGCONT)
+    return workdir, (*_finish(first), first.pid), second
+  finally:
+    first.kill()
+
+
+def test_a_second_run_into_a_held_workdir_is_refused_and_the_first_finishes(cli_run):
+  workdir, (rc, out, err, pid), (rc2, _, err2) = cli_run
+  assert rc2 != 0
+  assert re.search(rf"WorkdirLockedError: .* is in use by another run \(pid {pid} on host ",
+                   err2), err2[-2000:]
+  assert rc == 0, err[-3000:]
+  assert "Resuming" not in out and "train" in out  # the results table
+  assert _metric_steps(workdir) == [5, 10, 15, 20] and _steps(workdir) == [10, 15, 20]
+
+
+def test_a_killed_run_does_not_block_the_next_one(cli_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(cli_run[0], workdir)
+  flags = ("--config.train.num_steps=30",)
+  killed = _cli(workdir, *flags)
+  _wait_until_locked_by(killed, workdir)
+  assert killed.poll() is None
+  killed.send_signal(signal.SIGKILL)
+  assert _finish(killed)[0] == -signal.SIGKILL
+  rc, out, err = _finish(_cli(workdir, *flags))
+  assert rc == 0, err[-3000:]
+  assert "Resuming from step 20" in out
+  assert _metric_steps(workdir) == [5, 10, 15, 20, 25, 30] and _steps(workdir) == [20, 25, 30]
+  (entry,) = _history(workdir)
+  assert entry["changes"] == {
+      "train.num_steps": {"old": 20, "new": 30, "alters_training": False}}
+
+
+def test_damaged_files_are_skipped_with_a_log_line(cli_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(cli_run[0], workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  # A torn last metrics line, a truncated config.json, checkpoint 20 without its metadata,
+  # checkpoint 15 with damaged data: the run resumes from checkpoint 10.
+  for name in ("metrics.jsonl", "config.json"):
+    path = os.path.join(workdir, name)
+    os.truncate(path, os.path.getsize(path) - 40)
+  os.remove(os.path.join(workdir, "checkpoints", "20", "default", "_METADATA"))
+  data_files = glob.glob(os.path.join(workdir, "checkpoints", "15", "default", "*", "d", "*"))
+  assert data_files
+  for path in data_files:
+    with open(path, "r+b") as f:
+      f.write(b"\0" * 64)
+
+  rc, out, err = _finish(_cli(workdir))
+  assert rc == 0, err[-3000:]
+  assert "Resuming from step 10" in out
+  for logged in ("config.json is unreadable (JSONDecodeError",
+                 "metrics.jsonl: dropped 1 unreadable line(s)",
+                 "metrics.jsonl: dropped 1 record(s) past step 10",
+                 "Skipping checkpoint 20 (metadata missing)",
+                 "Skipping checkpoint 15 (unreadable data: "):
+    assert logged in err, (logged, err[-3000:])
+  assert sorted(os.listdir(os.path.join(workdir, "damaged_checkpoints"))) == ["15", "20"]
+  assert _steps(workdir) == [10, 15, 20] and _metric_steps(workdir) == [5, 10, 15, 20]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f) == config
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["buckets"] == results["buckets"]  # the same steps, replayed
+  assert "config.json was unreadable" in _history(workdir)[0]["note"]

@@ -8,21 +8,58 @@ rounding, and a resumed run continues the same data stream.
 
 Workdir layout::
 
-  config.json       the config of the run (an existing one must agree on task and model)
-  metrics.jsonl     one JSON object per logged step: train_* and eval_* keys
-  checkpoints/      Orbax checkpoints (the last ``keep_checkpoints``)
-  results.json      final evaluation table, per length bucket
+  config.json           the config of the run (rewritten atomically on every start)
+  config_history.jsonl  one JSON line per resume that changed the config: step, old and new
+                        values, and which changes alter training
+  metrics.jsonl         one JSON object per logged step: train_* and eval_* keys
+  checkpoints/          Orbax checkpoints (the last ``keep_checkpoints``)
+  damaged_checkpoints/  checkpoints that could not be restored, moved out of the way
+  results.json          final evaluation table, per length bucket
   curves.png, attention_*.png   learning curves and attention maps
+  lock                  the pid and host of the run holding the workdir (emptied when it
+                        ends; left filled by a killed run, harmlessly)
+
+Guarantees of a run, in order:
+
+* The config is checked by :func:`validate_config` (and the task and model by
+  :class:`~attnjax.toy.tasks.Task` and :class:`~attnjax.toy.models.TransformerConfig`)
+  before anything is written or compiled.
+* One run at a time: the run holds an exclusive ``fcntl.flock`` on ``lock`` until it ends;
+  another run into the workdir raises :class:`WorkdirLockedError` naming the holder. The
+  kernel releases the lock when the holder dies, even by SIGKILL, so a killed run never
+  blocks the next one. (``flock`` is reliable on local file systems; on NFS it depends on
+  the server.)
+* Resuming checks the config against ``config.json``: another task or model is an
+  :class:`IncompatibleWorkdirError`; a change that alters the training trajectory (the
+  seed, the optimizer, the batch size, label smoothing, and ``train.num_steps`` under the
+  cosine schedule, whose length it sets) is a :class:`ConfigChangeError` unless
+  ``allow_config_change=True``. Fields in :data:`HARMLESS_CHANGES`, and ``num_steps`` under
+  the constant and Noam schedules, may change freely. Every accepted change is appended to
+  ``config_history.jsonl``.
+* Training resumes from the newest checkpoint that restores (metadata readable, data
+  readable and finite); newer damaged ones are logged and moved to ``damaged_checkpoints/``.
+  If checkpoints exist but none restores, :class:`DamagedWorkdirError` is raised and
+  nothing is moved. An unreadable ``config.json`` is logged, recorded in the history and
+  replaced. Unreadable (torn) lines of ``metrics.jsonl`` and records past the restored step
+  are dropped, with a log line.
+* ``config.json``, ``results.json`` and rewrites of ``metrics.jsonl`` go to a temporary
+  file renamed into place; metrics are appended one whole, flushed line per record and also
+  kept in memory, so a ``metrics.jsonl`` deleted or replaced during the run is rewritten.
+* A failure while plotting is logged and does not fail a finished run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import math
 import os
+import socket
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -44,8 +81,96 @@ class IncompatibleWorkdirError(ValueError):
   """The workdir holds a run of another task or model."""
 
 
+class ConfigChangeError(IncompatibleWorkdirError):
+  """Resuming would change how training proceeds (pass ``allow_config_change=True``)."""
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another live run holds the workdir."""
+
+
+class DamagedWorkdirError(RuntimeError):
+  """The workdir holds checkpoints but none of them can be restored."""
+
+
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss or parameters."""
+
+
+# Config fields that a resumed run may change without asking: they decide what is logged,
+# evaluated, saved or drawn, not what training computes. (``train.num_steps`` is harmless
+# too unless the schedule is cosine; task and model fields may never change.)
+HARMLESS_CHANGES = frozenset({
+    "plots", "train.log_every", "train.eval_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "eval.num_sequences", "eval.length_multipliers",
+    "eval.num_attention_examples", "eval.decode_examples", "eval.check_overlap"})
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(low: int) -> tuple[Callable[[Any], bool], str]:
+  return (lambda x: _is_int(x) and x >= low), f"an integer >= {low}"
+
+
+def _number(low: float, below: float = math.inf) -> tuple[Callable[[Any], bool], str]:
+  want = f"a number in [{low}, {below})" if below < math.inf else f"a finite number >= {low}"
+  return (lambda x: _is_number(x) and low <= x < below), want
+
+
+# (field, test, what it must be): the checks of validate_config.
+_FIELD_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("seed", _is_int, "an integer"),
+    ("train.num_steps", *_integer(1)),
+    ("train.batch_size", *_integer(1)),
+    ("train.label_smoothing", *_number(0, 1)),
+    ("train.log_every", *_integer(1)),
+    ("train.eval_every", *_integer(0)),
+    ("train.checkpoint_every", *_integer(1)),
+    ("train.keep_checkpoints", *_integer(1)),
+    ("optimizer.learning_rate", *_number(0)),
+    ("optimizer.warmup_steps", *_integer(0)),
+    ("optimizer.final_lr_fraction", *_number(0)),
+    ("optimizer.b1", *_number(0, 1)),
+    ("optimizer.b2", *_number(0, 1)),
+    ("optimizer.eps", *_number(0)),
+    ("optimizer.weight_decay", *_number(0)),
+    ("optimizer.grad_clip_norm", *_number(0)),
+    ("eval.num_sequences", *_integer(1)),
+    ("eval.length_multipliers",
+     lambda x: isinstance(x, (tuple, list)) and all(_is_int(m) and m >= 1 for m in x),
+     "a sequence of integers >= 1"),
+    ("eval.num_attention_examples", *_integer(0)),
+)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the seed, ``train``, ``optimizer`` and ``eval`` fields of a run's config.
+
+  :func:`train_and_evaluate` calls this before anything is written or compiled, so that a
+  value that would only fail after compiling (``log_every=0``: a division by zero) or after
+  writing files (``num_steps=-5``) fails at once. Task and model fields are checked when
+  :class:`Experiment` builds the task and model, also before anything is written.
+
+  Args:
+    config: a config as ``configs/copy.py`` builds it.
+
+  Raises:
+    ValueError: naming every invalid field, its value and what it must be.
+  """
+  errors = []
+  for field, ok, want in _FIELD_CHECKS:
+    section, _, name = field.rpartition(".")
+    value = config[section][name] if section else config[name]
+    if not ok(value):
+      errors.append(f"config.{field} must be {want}, got {value!r}")
+  if errors:
+    raise ValueError("; ".join(errors))
 
 
 def make_task(config: ml_collections.ConfigDict) -> tasks.Task:
@@ -184,34 +309,169 @@ class Experiment:
     return batch
 
 
-def _check_workdir(workdir: str, config: ml_collections.ConfigDict, exp: Experiment,
-                   manager: ocp.CheckpointManager) -> None:
-  """Raises IncompatibleWorkdirError before anything is written if the workdir holds another
-  task or model (by config.json and by the parameter shapes of the latest checkpoint)."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
+@contextlib.contextmanager
+def _lock_workdir(workdir: str) -> Iterator[None]:
+  """Holds an exclusive flock on ``workdir/lock`` (released by the kernel when the process
+  ends, however it ends); raises WorkdirLockedError if another process holds it."""
+  fd = os.open(os.path.join(workdir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 1000, 0).decode(errors="replace").strip()
+      raise WorkdirLockedError(
+          f"{workdir} is in use by another run ({holder or 'holder unknown'}); wait for it "
+          "to finish or stop it, or use another workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    try:
+      yield
+    finally:
+      os.ftruncate(fd, 0)  # a lock file with a holder's pid left in it means a killed run
+  finally:
+    os.close(fd)
+
+
+def _write_atomic(path: str, text: str) -> None:
+  """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+  return out
+
+
+def _read_config_json(path: str) -> tuple[dict[str, Any] | None, str | None]:
+  """``(config, None)``: config.json flattened; ``(None, None)`` if there is none;
+  ``(None, why)`` if it cannot be read."""
+  if not os.path.exists(path):
+    return None, None
+  try:
     with open(path) as f:
-      old = json.load(f)
-    new = json.loads(config.to_json())
-    diffs = [f"{section}.{k}: {old.get(section, {}).get(k)!r} in the workdir, "
-             f"{new[section].get(k)!r} now"
-             for section in ("task", "model")
-             for k in sorted(set(old.get(section, {})) | set(new[section]))
-             if old.get(section, {}).get(k) != new[section].get(k)]
-    if diffs:
-      raise IncompatibleWorkdirError(
-          f"{workdir} holds a run of another task or model; use a new workdir. "
-          "Differences: " + "; ".join(diffs))
-  step = manager.latest_step()
-  if step is not None:
-    saved = _shapes(manager.item_metadata(step)["params"])
-    want = _shapes(exp.abstract_state().params)
+      tree = json.load(f)
+  except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError included
+    return None, _first_line(e)
+  if not isinstance(tree, dict):
+    return None, f"not a JSON object but a {type(tree).__name__}"
+  return _flatten(tree), None
+
+
+def _alters_training(field: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
+  if field == "train.num_steps":  # the cosine schedule decays over num_steps
+    return "cosine" in (old.get("optimizer.schedule"), new.get("optimizer.schedule"))
+  return field not in HARMLESS_CHANGES
+
+
+def _describe(field: str, old: dict[str, Any], new: dict[str, Any]) -> str:
+  return f"{field}: {old.get(field)!r} in the workdir, {new.get(field)!r} now"
+
+
+def _compare_configs(workdir: str, old: dict[str, Any], new: dict[str, Any],
+                     resuming: bool, allow_config_change: bool) -> dict[str, Any]:
+  """Raises if ``new`` may not resume the run of ``old`` (flattened configs); returns the
+  changed fields as ``{field: {"old", "new", "alters_training"}}``."""
+  changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  identity = [k for k in changed if k.startswith(("task.", "model."))]
+  if identity:
+    raise IncompatibleWorkdirError(
+        f"{workdir} holds a run of another task or model; use a new workdir. "
+        "Differences: " + "; ".join(_describe(k, old, new) for k in identity))
+  altering = [k for k in changed if _alters_training(k, old, new)]
+  if resuming and altering and not allow_config_change:
+    raise ConfigChangeError(
+        f"{workdir} holds checkpoints made with another config, and these changes alter "
+        "how training proceeds: " + "; ".join(_describe(k, old, new) for k in altering)
+        + ". Rerun with the workdir's values, use a new workdir, or pass "
+        "--allow_config_change (allow_config_change=True) to resume with the new values "
+        "(recorded in config_history.jsonl).")
+  return {k: {"old": old.get(k), "new": new.get(k), "alters_training": k in altering}
+          for k in changed}
+
+
+def _restore_newest_intact(workdir: str, exp: Experiment, manager: ocp.CheckpointManager
+                           ) -> tuple[train_state.TrainState | None, int | None,
+                                      list[tuple[int, str]]]:
+  """Restores the newest checkpoint whose metadata and data read back, finite.
+
+  Returns:
+    ``(state, step, damaged)``: ``(None, None, [])`` if there is no checkpoint;
+    ``damaged`` lists ``(step, reason)`` of the newer checkpoints that failed.
+
+  Raises:
+    IncompatibleWorkdirError: a checkpoint holds parameters of another model.
+    DamagedWorkdirError: there are checkpoints but none restores.
+  """
+  abstract = exp.abstract_state()
+  want = _shapes(abstract.params)
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      metadata = manager.item_metadata(step)
+    except Exception as e:  # Whatever reading damaged metadata raises.
+      metadata, why = None, f"unreadable metadata: {_first_line(e)}"
+    else:
+      why = "metadata missing"
+    if metadata is None or "params" not in metadata:
+      damaged.append((step, why))
+      continue
+    saved = _shapes(metadata["params"])
     if saved != want:
       diffs = [f"{k}: {saved.get(k)} saved, {want.get(k)} expected"
                for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
       raise IncompatibleWorkdirError(
           f"{workdir}: the parameters of checkpoint {step} do not match the model of this "
           f"config; use a new workdir. Differences: " + "; ".join(diffs[:5]))
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # TensorStore reports damaged data as a ValueError.
+      damaged.append((step, f"unreadable data: {_first_line(e)}"))
+      continue
+    if not bool(_all_finite((state.params, state.opt_state))):
+      damaged.append((step, "non-finite values"))
+      continue
+    return state, step, damaged
+  if damaged:
+    raise DamagedWorkdirError(
+        f"no checkpoint in {manager.directory} can be restored ("
+        + "; ".join(f"step {s}: {why}" for s, why in damaged)
+        + "); move the checkpoints aside to start over, or use a new workdir.")
+  return None, None, []
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  """The type and first line of the innermost cause of ``error``."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:limit] if text else ''}"
+
+
+def _move_damaged(workdir: str, manager: ocp.CheckpointManager,
+                  damaged: list[tuple[int, str]]) -> None:
+  """Moves damaged checkpoints to ``workdir/damaged_checkpoints/`` (so that the steps can
+  be saved again) and logs why."""
+  if not damaged:
+    return
+  target_dir = os.path.join(workdir, "damaged_checkpoints")
+  os.makedirs(target_dir, exist_ok=True)
+  for step, why in damaged:
+    target = os.path.join(target_dir, str(step))
+    n = 0
+    while os.path.exists(target):
+      n += 1
+      target = os.path.join(target_dir, f"{step}.{n}")
+    os.rename(os.path.join(str(manager.directory), str(step)), target)
+    logging.warning("Skipping checkpoint %d (%s); moved it to %s.", step, why, target)
+  manager.reload()
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -244,54 +504,156 @@ class _Progress:
       sys.stderr.write("\n")
 
 
-def _trim_metrics(path: str, last_step: int) -> None:
-  """Drops logged lines past ``last_step`` (from a run that stopped after its checkpoint)."""
+def _read_metrics(path: str, last_step: int | None) -> list[dict[str, Any]]:
+  """The records of ``metrics.jsonl`` up to ``last_step`` (none if None); logs what it
+  drops: unreadable lines (a torn write) and records past the step training resumes from."""
   if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [line for line in f if json.loads(line)["step"] <= last_step]
-  with open(path, "w") as f:
-    f.writelines(lines)
+    return []
+  with open(path, errors="replace") as f:
+    lines = [line for line in f if line.strip()]
+  kept, torn, later = [], 0, 0
+  for line in lines:
+    try:
+      record = json.loads(line)
+      step = record["step"]
+    except (ValueError, TypeError, KeyError):
+      torn += 1
+      continue
+    if last_step is not None and step <= last_step:
+      kept.append(record)
+    else:
+      later += 1
+  if torn:
+    logging.warning("%s: dropped %d unreadable line(s).", path, torn)
+  if later:
+    logging.warning("%s: dropped %d record(s) %s.", path, later,
+                    "of a run without checkpoints" if last_step is None
+                    else f"past step {last_step}, where training resumes")
+  return kept
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+class _MetricsLog:
+  """``metrics.jsonl``, also kept in memory: one whole, flushed line per record; the file is
+  rewritten from memory (atomically) if it is deleted or replaced during the run."""
+
+  def __init__(self, path: str, records: list[dict[str, Any]]):
+    self.path = path
+    self.records = list(records)
+    self.file = None
+    self._rewrite()
+
+  def _rewrite(self) -> None:
+    if self.file is not None:
+      self.file.close()
+    _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+    self.file = open(self.path, "a")
+
+  def _vanished(self) -> bool:
+    try:
+      on_disk = os.stat(self.path)
+    except FileNotFoundError:
+      return True
+    ours = os.fstat(self.file.fileno())
+    return (on_disk.st_dev, on_disk.st_ino) != (ours.st_dev, ours.st_ino)
+
+  def _repair(self) -> None:
+    if self._vanished():
+      logging.warning("%s was deleted or replaced during the run; rewriting its %d records.",
+                      self.path, len(self.records))
+      self._rewrite()
+
+  def append(self, record: dict[str, Any]) -> None:
+    self.records.append(record)
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    self._repair()
+
+  def close(self) -> None:
+    self._repair()
+    self.file.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict[str, Any]:
   """Trains (or resumes) the run of ``config`` in ``workdir``, then evaluates it.
+
+  See the module docstring for what holds about locking, resuming after damage and config
+  changes.
 
   Args:
     config: see ``configs/copy.py`` for the fields.
     workdir: output directory (created).
+    allow_config_change: resume even if the config changes fields that alter the training
+      trajectory (the seed, the optimizer, the batch size, label smoothing, or
+      ``num_steps`` under the cosine schedule); the change is recorded in
+      ``config_history.jsonl``.
 
   Returns:
     The final results: ``{"step", "buckets": {name: {...metrics}}, ...}`` (also written to
     ``results.json``).
 
   Raises:
-    IncompatibleWorkdirError: the workdir holds a run of another task or model.
+    ValueError: an invalid config value (:func:`validate_config`); nothing is written.
+    WorkdirLockedError: another live run holds the workdir.
+    IncompatibleWorkdirError: the workdir holds a run of another task or model; nothing is
+      written (but ``lock``).
+    ConfigChangeError: (an IncompatibleWorkdirError) resuming with changes that alter
+      training, without ``allow_config_change``; nothing is written (but ``lock``).
+    DamagedWorkdirError: the workdir holds checkpoints and none can be restored.
     NonFiniteLossError: the loss or the parameters became NaN or infinite; the last good
       checkpoint is kept and nothing non-finite is saved.
   """
   start_time = time.time()
+  validate_config(config)
   exp = Experiment(config)
-  ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      max_to_keep=config.train.keep_checkpoints, create=False),
-      item_handlers=ocp.StandardCheckpointHandler())
-  _check_workdir(workdir, config, exp, manager)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
+  ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  with _lock_workdir(workdir), ocp.CheckpointManager(
+      ckpt_dir, options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.train.keep_checkpoints, create=False,
+          cleanup_tmp_directories=True),
+      item_handlers=ocp.StandardCheckpointHandler()) as manager:
+    state, latest = _prepare_workdir(workdir, config, exp, manager, allow_config_change)
+    return _train_and_evaluate(config, workdir, exp, manager, state, latest, start_time)
 
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  latest = manager.latest_step()
+
+def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict, exp: Experiment,
+                     manager: ocp.CheckpointManager, allow_config_change: bool
+                     ) -> tuple[train_state.TrainState, int | None]:
+  """Checks the workdir against the config (raising before anything is written), restores
+  the newest intact checkpoint, then writes config.json and its history; returns the
+  state to train from and its checkpoint step (None for a new run)."""
+  config_path = os.path.join(workdir, "config.json")
+  history_path = os.path.join(workdir, "config_history.jsonl")
+  old, unreadable = _read_config_json(config_path)
+  new = _flatten(json.loads(config.to_json()))
+  resuming = bool(manager.all_steps())
+  changes = {} if old is None else _compare_configs(workdir, old, new, resuming,
+                                                     allow_config_change)
+  state, latest, damaged = _restore_newest_intact(workdir, exp, manager)
+
+  _move_damaged(workdir, manager, damaged)
   if latest is None:
     state = exp.init_state()
-    if os.path.exists(metrics_path):
-      os.remove(metrics_path)
-  else:
-    state = manager.restore(latest, args=ocp.args.StandardRestore(exp.abstract_state()))
-    _trim_metrics(metrics_path, latest)
-  start = int(state.step)
+    if os.path.exists(history_path):
+      os.remove(history_path)  # it described checkpoints that are gone
+  elif changes or old is None:
+    entry = {"step": latest, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": changes}
+    if old is None:
+      entry["note"] = (f"config.json was {'unreadable' if unreadable else 'missing'}; "
+                       "the config of this run replaced it without comparison")
+      logging.warning("%s is %s; resuming without comparing configs, and replacing it.",
+                      config_path, f"unreadable ({unreadable})" if unreadable else "missing")
+    with open(history_path, "a") as f:
+      f.write(json.dumps(entry) + "\n")
+  _write_atomic(config_path, config.to_json(indent=2))
+  return state, latest
+
+
+def _train_and_evaluate(config, workdir, exp, manager, state, latest, start_time):
+  """The training loop, final evaluation and figures of train_and_evaluate."""
   num_steps = config.train.num_steps
+  start = int(state.step)
   if start >= num_steps:
     logging.info("Run in %s already finished at step %d; evaluating only.", workdir, start)
     print(f"Run already finished at step {start}; evaluating only.", flush=True)
@@ -317,10 +679,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       progress.close()
       raise NonFiniteLossError(
           f"non-finite loss or parameters at step <= {step}; training stopped. The last good "
-          f"checkpoint (step {last_good}) is kept in {ckpt_dir}; lower the learning rate or "
-          "clip gradients harder and rerun.")
+          f"checkpoint (step {last_good}) is kept in {manager.directory}; lower the learning "
+          "rate or clip gradients harder and rerun.")
 
-  with open(metrics_path, "a") as metrics_file:
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  metrics_log = _MetricsLog(metrics_path, _read_metrics(metrics_path, latest))
+  with contextlib.closing(metrics_log):
     for step in range(start + 1, num_steps + 1):
       state, metrics = exp.train_step(state)
       pending.append(metrics)
@@ -343,8 +707,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "eval_"))
       if record:
         record = {"step": step, "wall_time": time.time() - start_time, **record}
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        metrics_log.append(record)
         progress.update(step, {k.removeprefix("train_"): v for k, v in record.items()
                                if k in ("train_loss", "train_token_accuracy", "eval_loss",
                                         "eval_exact_match", "train_steps_per_sec")})
@@ -360,13 +723,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   results.update(step=int(state.step), train_seconds_to_eval=train_seconds,
                  wall_seconds=time.time() - start_time, num_params=int(num_params),
                  num_devices=exp.mesh.size)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  _write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
   print(evaluation.format_table(results), flush=True)
   for d in results.get("decodes", ()):
     print(f"greedy decode: {d['input']} -> {d['output']}", flush=True)
   if config.plots:
-    plotting.learning_curves(metrics_path, os.path.join(workdir, "curves.png"))
-    plotting.attention_maps(exp, state.params, workdir)
-  manager.close()
+    try:
+      plotting.learning_curves(metrics_path, os.path.join(workdir, "curves.png"))
+      plotting.attention_maps(exp, state.params, workdir)
+    except Exception:  # The run is done and its results are written: figures are extras.
+      logging.exception("Plotting failed; results.json and metrics.jsonl are complete.")
   return results
