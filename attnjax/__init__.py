@@ -23,7 +23,8 @@ from attnjax.multihead import init_kv_cache, init_multi_head_attention, multi_he
 from attnjax.positional import apply_rotary, sinusoidal_position_encoding
 
 if TYPE_CHECKING:
-  from attnjax import linen, nnx
+  from attnjax import linen as linen
+  from attnjax import nnx as nnx
 
 __version__ = "0.1.0"
 
