@@ -53,7 +53,7 @@ def sliding_window_mask(q_len: int, kv_len: int, window: int | tuple[int, int]) 
   """
   _check_length("q_len", q_len)
   _check_length("kv_len", kv_len)
-  left, right = canonical_window(window)
+  left, right = canonical_window(window, "window")
   diff = jnp.arange(kv_len)[None, :] - jnp.arange(q_len)[:, None]
   return (diff >= -left) & (diff <= right)
 
@@ -137,14 +137,25 @@ def combine_masks(*masks: ArrayLike | None) -> Array | None:
   return functools.reduce(jnp.logical_and, masks)
 
 
-def canonical_window(window: int | tuple[int, int]) -> tuple[int, int]:
-  """``window`` as a ``(left, right)`` pair of non-negative Python ints."""
-  pair = (window, window) if isinstance(window, (int, np.integer)) else tuple(window)
+def canonical_window(window: int | tuple[int, int],
+                     name: str = "local_window_size") -> tuple[int, int]:
+  """``window`` as a ``(left, right)`` pair of non-negative Python ints.
+
+  Args:
+    window: one int ``w`` meaning ``(w, w)``, or a ``(left, right)`` pair.
+    name: the caller's name for ``window``, used in error messages.
+
+  Raises:
+    ValueError: if ``window`` is negative or not one or two ints.
+  """
+  try:
+    pair = (window, window) if isinstance(window, (int, np.integer)) else tuple(window)
+  except TypeError:  # Not iterable, e.g. a float.
+    pair = ()
   if len(pair) != 2 or not all(isinstance(w, (int, np.integer)) for w in pair):
-    raise ValueError(f"local_window_size must be an int or a (left, right) pair of ints, "
-                     f"got {window!r}")
+    raise ValueError(f"{name} must be an int or a (left, right) pair of ints, got {window!r}")
   if min(pair) < 0:
-    raise ValueError(f"local_window_size must be non-negative, got {window!r}")
+    raise ValueError(f"{name} must be non-negative, got {window!r}")
   return int(pair[0]), int(pair[1])
 
 
