@@ -335,7 +335,7 @@ def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j):
   visible = []
   if ex_blk.mask is not None:
     visible.append(ex_blk.mask)
-  if ex_blk.q_seg is not None:
+  if ex_blk.q_seg is not None and ex_blk.kv_seg is not None:
     visible.append((ex_blk.q_seg[:, :, None] == ex_blk.kv_seg[:, None, :])[:, None, None])
   if plan.needs_position_mask(i, j):
     q_pos = i * plan.bq + lax.broadcasted_iota(jnp.int32, (plan.bq, plan.bk), 0)
@@ -374,7 +374,8 @@ def _after(token: Array | None, blocks, unrolled: bool):
 
 def _lanes(work: list[int], lanes: int) -> list[list[int]]:
   """Outer blocks dealt to lanes: greedily, most work first, each to the least-loaded lane."""
-  load, blocks = [0] * lanes, [[] for _ in range(lanes)]
+  load = [0] * lanes
+  blocks: list[list[int]] = [[] for _ in range(lanes)]
   for o in sorted(range(len(work)), key=lambda o: -work[o]):
     lane = load.index(min(load))
     blocks[lane].append(o)

@@ -125,16 +125,16 @@ def combine_masks(*masks: ArrayLike | None) -> Array | None:
     TypeError: if a mask is not bool.
     ValueError: if the masks do not broadcast together.
   """
-  masks = [_as_bool(f"masks[{i}]", m) for i, m in enumerate(masks) if m is not None]
-  if not masks:
+  given = [_as_bool(f"masks[{i}]", m) for i, m in enumerate(masks) if m is not None]
+  if not given:
     return None
   try:
-    np.broadcast_shapes(*(m.shape for m in masks))
+    np.broadcast_shapes(*(m.shape for m in given))
   except ValueError:
-    shapes = ", ".join(str(m.shape) for m in masks)
+    shapes = ", ".join(str(m.shape) for m in given)
     raise ValueError(f"combine_masks: masks do not broadcast together, got shapes "
                      f"{shapes}") from None
-  return functools.reduce(jnp.logical_and, masks)
+  return functools.reduce(jnp.logical_and, given)
 
 
 def canonical_window(window: int | tuple[int, int],

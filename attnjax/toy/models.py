@@ -24,7 +24,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import flax.linen as nn
 import jax
@@ -312,9 +312,10 @@ def make_model(arch: Arch, config: TransformerConfig) -> nn.Module:
   return ARCHITECTURES[arch](config)
 
 
-def apply_model(model: nn.Module, variables, example: dict[str, Array], **kwargs) -> Array:
+def apply_model(model: nn.Module, variables, example: dict[str, Array], **kwargs) -> Any:
   """Logits for an example from :func:`attnjax.toy.tasks.encoder_decoder_example` or
-  :func:`attnjax.toy.tasks.decoder_only_example`."""
+  :func:`attnjax.toy.tasks.decoder_only_example`; with ``mutable=...`` among ``kwargs``,
+  the pair ``(logits, mutated variables)`` of ``model.apply``."""
   if isinstance(model, EncoderDecoder):
     return model.apply(variables, example["inputs"], example["decoder_inputs"], **kwargs)
   return model.apply(variables, example["decoder_inputs"], **kwargs)

@@ -144,7 +144,7 @@ class Experiment:
         functools.partial(evaluation.evaluate_bucket, self), static_argnames=("task", "stream"),
         out_shardings=self.replicated)
 
-  def sample_train_batch(self, step: jax.Array) -> dict[str, jax.Array]:
+  def sample_train_batch(self, step: int | jax.Array) -> dict[str, jax.Array]:
     """The training batch of ``step`` (sharded over ``data`` inside jit)."""
     batch = self.task.sample(jax.random.fold_in(self.train_key, step),
                              self.config.train.batch_size)
