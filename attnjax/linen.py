@@ -141,15 +141,24 @@ class MultiHeadAttention(nn.Module):
   ) -> Array:
     """Attends from ``inputs_q [..., T, D]`` to ``inputs_k [..., S, Dkv]`` (default: itself).
 
-    The input, masking and position arguments are those of
-    :func:`attnjax.multi_head_attention`: ``inputs_k`` defaults to ``inputs_q`` and
-    ``inputs_v`` to ``inputs_k``, as in Flax; ``inputs_kv`` is the older spelling of both.
-    With dropout, ``dropout_rng`` (a ``jax.random.key``) is used if given, else the
-    ``"dropout"`` rng. With ``sow_weights=True`` the attention weights ``[..., N, T, S]`` are
-    sown into the ``"intermediates"`` collection as ``"attention_weights"``.
+    Args:
+      inputs_q: ``[..., T, D]``.
+      inputs_k: ``[..., S, Dkv]``; defaults to ``inputs_q`` (self-attention), as in Flax.
+      inputs_v: ``[..., S, Dv]``; defaults to ``inputs_k``.
+      inputs_kv: the older spelling of ``inputs_k`` and ``inputs_v`` both.
+      mask, bias, is_causal, q_segment_ids, kv_segment_ids, local_window_size,
+      query_positions, key_positions: as in :func:`attnjax.multi_head_attention`.
+      deterministic: disables dropout; merged with the module's ``deterministic``.
+      dropout_rng: a ``jax.random.key`` for dropout; defaults to the ``"dropout"`` rng.
+      sow_weights: sow the attention weights ``[..., N, T, S]`` into the
+        ``"intermediates"`` collection as ``"attention_weights"``.
 
     Returns:
       ``[..., T, out_features]``.
+
+    Raises:
+      ValueError: for inputs that do not fit the parameters or each other (see
+        :func:`attnjax.multi_head_attention`), or key/value inputs with ``decode=True``.
     """
     x_q, x_k, x_v = multihead.resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv)
     N = self.num_heads
