@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,9 @@ from jax.typing import ArrayLike
 from attnjax import blockwise
 from attnjax import masks as masks_lib
 
-IMPLEMENTATIONS = ("xla", "blockwise")
+# The attention implementations: "xla" is the dense reference, "blockwise" the tiled one.
+Implementation = Literal["xla", "blockwise"]
+IMPLEMENTATIONS: tuple[Implementation, ...] = get_args(Implementation)
 
 # A large finite negative for masked logits: exp() of it is 0, and unlike -inf it never makes
 # NaN when a whole row is masked.
@@ -70,8 +72,9 @@ def dot_product_attention(
     dropout_rng: Array | None = None,
     return_weights: bool = False,
     return_lse: bool = False,
-    implementation: str | None = None,
+    implementation: Implementation | None = None,
     block_sizes: tuple[int, int] | None = None,
+    precision: jax.lax.PrecisionLike = None,
 ) -> Array | tuple[Array, ...]:
   """Scaled dot-product attention, ``softmax(scale * q k^T + bias) v`` over visible keys.
 
@@ -110,6 +113,9 @@ def dot_product_attention(
     block_sizes: ``(block_q, block_k)`` for ``"blockwise"``'s forward pass (its backward pass
       uses ``min(block_q, block_k)`` queries per block); defaults from
       :func:`attnjax.blockwise.default_block_sizes`.
+    precision: ``jax.lax.Precision`` of the two einsums (``q.k`` and ``weights.v``), as in
+      ``jax.lax.dot_general``; honoured by ``"xla"`` only, so ``None`` picks ``"xla"`` when
+      it is given.
 
   Returns:
     ``out [..., T, N, H]`` in the input dtype; with ``return_weights`` and/or ``return_lse``
@@ -127,14 +133,17 @@ def dot_product_attention(
   if dropout_rate > 0.0 and dropout_rng is None:
     raise ValueError("dropout_rate > 0 needs a dropout_rng (a jax.random.key), got None")
   if implementation is None:
-    implementation = _choose_implementation(c, dropout_rate, return_weights)
+    implementation = ("xla" if precision is not None
+                      else _choose_implementation(c, dropout_rate, return_weights))
   elif implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, "
                      f"got {implementation!r}")
 
   if implementation == "xla":
-    out, weights, lse = _dense(c, dropout_rate, dropout_rng)
+    out, weights, lse = _dense(c, dropout_rate, dropout_rng, precision)
   else:
+    if precision is not None:
+      raise ValueError(f"precision={precision!r} needs implementation='xla'")
     if return_weights:
       raise ValueError("return_weights=True needs implementation='xla' (the blockwise path "
                        "never forms the [N, T, S] weights); use attention_weights() instead")
@@ -217,16 +226,16 @@ def merge_attention(outputs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> 
   if len(outputs) != len(lses) or not outputs:
     raise ValueError(f"merge_attention needs as many outputs as lses (at least one), "
                      f"got {len(outputs)} and {len(lses)}")
-  outputs = [jnp.asarray(o) for o in outputs]
-  lses = [jnp.asarray(x, jnp.float32) for x in lses]
-  for i, (o, x) in enumerate(zip(outputs, lses)):
-    if o.shape != outputs[0].shape:
-      raise ValueError(f"outputs[{i}] has shape {o.shape}, outputs[0] has {outputs[0].shape}")
+  outs = [jnp.asarray(o) for o in outputs]
+  lse_list = [jnp.asarray(x, jnp.float32) for x in lses]
+  for i, (o, x) in enumerate(zip(outs, lse_list)):
+    if o.shape != outs[0].shape:
+      raise ValueError(f"outputs[{i}] has shape {o.shape}, outputs[0] has {outs[0].shape}")
     if o.ndim < 3 or x.shape != o.shape[:-3] + (o.shape[-2], o.shape[-3]):
       raise ValueError(f"lses[{i}] must have shape [..., N, T] = "
                        f"{o.shape[:-3] + (o.shape[-2], o.shape[-3])} for outputs[{i}] of shape "
                        f"{o.shape}, got {x.shape}")
-  lse_P = jnp.stack(lses)  # [P, ..., N, T]
+  lse_P = jnp.stack(lse_list)  # [P, ..., N, T]
   max_lse = jnp.max(lse_P, axis=0)
   max_lse = jnp.where(jnp.isfinite(max_lse), max_lse, 0.0)
   w_P = jnp.exp(lse_P - max_lse)  # exp(-inf) = 0 for empty parts
@@ -235,11 +244,12 @@ def merge_attention(outputs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> 
   lse = jnp.where(nonempty, max_lse + jnp.log(jnp.where(nonempty, total, 1.0)), -jnp.inf)
   w_P = w_P / jnp.where(nonempty, total, 1.0)
   w_P = jnp.swapaxes(w_P, -1, -2)[..., None]  # [P, ..., T, N, 1]
-  out = jnp.sum(w_P * jnp.stack(outputs).astype(jnp.float32), axis=0)
-  return out.astype(outputs[0].dtype), lse
+  out = jnp.sum(w_P * jnp.stack(outs).astype(jnp.float32), axis=0)
+  return out.astype(outs[0].dtype), lse
 
 
-def _choose_implementation(c: _Canonical, dropout_rate: float, return_weights: bool) -> str:
+def _choose_implementation(c: _Canonical, dropout_rate: float,
+                           return_weights: bool) -> Implementation:
   """The fastest implementation that supports these arguments on this backend.
 
   Measured on CPU: the blockwise path is faster forward and backward from 128 keys on (2x at
@@ -252,17 +262,20 @@ def _choose_implementation(c: _Canonical, dropout_rate: float, return_weights: b
   return "blockwise" if c.k.shape[1] >= min_kv_len else "xla"
 
 
-def _dense(c: _Canonical, dropout_rate: float, dropout_rng: Array | None):
+def _dense(c: _Canonical, dropout_rate: float, dropout_rng: Array | None,
+           precision: jax.lax.PrecisionLike = None):
   """Dense attention on canonical inputs: (out [B,T,N,H], weights [B,N,T,S], lse [B,N,T])."""
-  probs, lse, bad = _probabilities(c)
+  probs, lse, bad = _probabilities(c, precision)
   B, T, N, H = c.q.shape
   K = c.k.shape[2]
   p = probs
   if dropout_rate > 0.0:
+    assert dropout_rng is not None  # Checked by dot_product_attention.
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
     p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
   p_BKGTS = p.reshape(B, K, N // K, T, -1)
-  out = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, _finite(c.v).astype(jnp.float32))
+  out = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, _finite(c.v).astype(jnp.float32),
+                   precision=precision)
   out = jnp.where(jnp.swapaxes(bad, 1, 2)[..., None], jnp.nan, out.reshape(B, T, N, H))
   return out.astype(c.q.dtype), _poison(probs, bad[..., None]), _poison(lse, bad)
 
@@ -276,7 +289,7 @@ def _finite(x: Array) -> Array:
   return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
 
 
-def _probabilities(c: _Canonical):
+def _probabilities(c: _Canonical, precision: jax.lax.PrecisionLike = None):
   """Softmax weights [B,N,T,S], log-sum-exp [B,N,T] and which rows saw a non-finite input
   [B,N,T] (bool; their weights and lse are zeros and -inf here, for the caller to poison).
 
@@ -289,7 +302,7 @@ def _probabilities(c: _Canonical):
   S, K = c.k.shape[1], c.k.shape[2]
   q_BTKGH = _finite(c.q).reshape(B, T, K, N // K, H)
   logits = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, _finite(c.k),
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=jnp.float32, precision=precision)
   finite_q = jnp.all(jnp.isfinite(c.q), axis=-1).reshape(B, T, K, N // K)  # [B, T, K, G]
   finite_kv = jnp.all(jnp.isfinite(c.k) & jnp.isfinite(c.v), axis=-1)  # [B, S, K]
   finite = (jnp.moveaxis(finite_q, 1, 3)[..., None]
@@ -345,7 +358,8 @@ def _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_
   if k.shape != v.shape:
     raise ValueError(f"key and value must have the same shape [..., S, K, H], got key "
                      f"{k.shape} and value {v.shape}")
-  *batch, T, N, H = q.shape
+  batch = tuple(q.shape[:-3])
+  T, N, H = q.shape[-3:]
   S, K, H_k = k.shape[-3:]
   if H_k != H:
     raise ValueError(f"query and key must have the same head dim, got query {q.shape} "
@@ -353,7 +367,6 @@ def _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_
   if K == 0 or N % K:
     raise ValueError(f"the number of query heads must be a multiple of the number of key/value "
                      f"heads, got query {q.shape} (N={N}) and key {k.shape} (K={K})")
-  batch = tuple(batch)
   logits_shape = batch + (N, T, S)
 
   if bias is not None:

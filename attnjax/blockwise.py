@@ -88,7 +88,8 @@ def default_block_sizes(batch_heads: int, q_len: int, kv_len: int,
   return (min(block_q, _next_pow2(q_len)), min(block_k, _next_pow2(kv_len)))
 
 
-def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: Array | None,
+def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None,
+                        mask: Array | masks_lib.Mask | None,
                         *, scale: float, is_causal: bool, window: tuple[int, int] | None,
                         q_segment_ids: Array | None, kv_segment_ids: Array | None,
                         logits_soft_cap: float | None, block_q: int | None = None,
@@ -399,7 +400,8 @@ def _after(token: Array | None, blocks, unrolled: bool):
 
 def _lanes(work: list[int], lanes: int) -> list[list[int]]:
   """Outer blocks dealt to lanes: greedily, most work first, each to the least-loaded lane."""
-  load, blocks = [0] * lanes, [[] for _ in range(lanes)]
+  load = [0] * lanes
+  blocks: list[list[int]] = [[] for _ in range(lanes)]
   for o in sorted(range(len(work)), key=lambda o: -work[o]):
     lane = load.index(min(load))
     blocks[lane].append(o)
@@ -574,9 +576,9 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
 
   shared = (dq, dk, dv, None if ex.bias is None else jnp.zeros(ex.bias.shape, jnp.float32))
   # The first key blocks wait for delta, so that XLA does not cut them out at the very start.
-  empty = masks_lib.runtime_block_empty(ex.mask, plan.T, plan.S, plan.bq, plan.bk)
   dq, dk, dv, dbias5 = _sweep(plan, plan.nk, plan.q_blocks, init, step, shared,
-                              transpose=True, runtime_empty=empty,
+                              transpose=True, runtime_empty=masks_lib.runtime_block_empty(
+                                  ex.mask, plan.T, plan.S, plan.bq, plan.bk),
                               start=_token(delta))[0]
   return dq_done(dq), dk_done(dk), dv_done(dv), dbias5
 

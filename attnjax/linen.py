@@ -4,7 +4,11 @@ The modules only create parameters and variables and call the pure functions of
 :mod:`attnjax.multihead` and :mod:`attnjax.positional`. ``MultiHeadAttention`` holds the
 parameters of ``flax.linen.MultiHeadDotProductAttention`` under the same names and shapes
 (``query``/``key``/``value`` kernels ``[D, N, H]`` and biases ``[N, H]``, ``out`` kernel
-``[N, H, D]`` and bias ``[D]``), so its weights port both ways unchanged.
+``[N, H, D]`` and bias ``[D]``, and with ``normalize_qk`` the ``query_ln``/``key_ln``
+``scale`` ``[H]``), so its weights port both ways unchanged. It takes Flax's options under
+Flax's names (``normalize_qk``, ``out_kernel_init``, ``out_bias_init``, ``precision``,
+``attention_fn``; ``inputs_k``, ``inputs_v`` and ``dropout_rng`` at call time), so it can
+stand in for Flax's module.
 
 Shapes: inputs ``[..., T, D]``; attention weights ``[..., N, T, S]``; rotary inputs
 ``[..., L, N, H]``.
@@ -15,11 +19,12 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import Array
 from jax.typing import ArrayLike
 
-from attnjax import multihead, positional
+from attnjax import attention, multihead, positional
 
 Dtype = Any
 
@@ -39,10 +44,24 @@ class _Projection(nn.Module):
     def kernel_init(rng, shape, dtype):
       return multihead.init_kernel(self.kernel_init, rng, shape, self.num_input_axes, dtype)
 
+    def bias_init(rng, shape, dtype):
+      return multihead.init_bias(self.bias_init, rng, shape, dtype)
+
     p = {"kernel": self.param("kernel", kernel_init, self.kernel_shape, self.param_dtype)}
     if self.use_bias:
-      p["bias"] = self.param("bias", self.bias_init, self.bias_shape, self.param_dtype)
+      p["bias"] = self.param("bias", bias_init, self.bias_shape, self.param_dtype)
     return p
+
+
+class _LayerNormScale(nn.Module):
+  """Holds the ``scale [features]`` of a LayerNorm without bias (Flax's initial ones)."""
+  features: int
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self) -> dict[str, Array]:
+    return {"scale": self.param("scale", nn.initializers.ones, (self.features,),
+                                self.param_dtype)}
 
 
 class MultiHeadAttention(nn.Module):
@@ -70,6 +89,13 @@ class MultiHeadAttention(nn.Module):
     rotary_max_timescale: RoPE base.
     decode: autoregressive decoding with a key/value cache (self-attention only).
     implementation: passed to :func:`attnjax.dot_product_attention`.
+    out_kernel_init, out_bias_init: initialisers of the output projection; default to
+      ``kernel_init`` and ``bias_init`` (Flax's).
+    normalize_qk: QK normalisation (Flax's): a LayerNorm without bias, parameters
+      ``query_ln`` and ``key_ln`` with ``scale [H]``, over each projected query and key head.
+    precision: ``jax.lax.Precision`` of the projections and of ``attention_fn`` (Flax's).
+    attention_fn: replaces :func:`attnjax.dot_product_attention` (Flax's ``attention_fn``);
+      the arguments it gets are those described in :func:`attnjax.multi_head_attention`.
   """
   num_heads: int
   num_kv_heads: int | None = None
@@ -86,14 +112,21 @@ class MultiHeadAttention(nn.Module):
   rotary: bool = False
   rotary_max_timescale: float = 10_000.0
   decode: bool = False
-  implementation: str | None = None
+  implementation: attention.Implementation | None = None
+  out_kernel_init: multihead.Initializer | None = None
+  out_bias_init: multihead.Initializer | None = None
+  normalize_qk: bool = False
+  precision: jax.lax.PrecisionLike = None
+  attention_fn: multihead.AttentionFn = attention.dot_product_attention
 
   @nn.compact
   def __call__(
       self,
       inputs_q: ArrayLike,
-      inputs_kv: ArrayLike | None = None,
+      inputs_k: ArrayLike | None = None,
+      inputs_v: ArrayLike | None = None,
       *,
+      inputs_kv: ArrayLike | None = None,
       mask: ArrayLike | None = None,
       bias: ArrayLike | None = None,
       is_causal: bool = False,
@@ -103,41 +136,64 @@ class MultiHeadAttention(nn.Module):
       query_positions: ArrayLike | None = None,
       key_positions: ArrayLike | None = None,
       deterministic: bool | None = None,
+      dropout_rng: Array | None = None,
       sow_weights: bool = False,
   ) -> Array:
-    """Attends from ``inputs_q [..., T, D]`` to ``inputs_kv [..., S, Dkv]`` (default: itself).
+    """Attends from ``inputs_q [..., T, D]`` to ``inputs_k [..., S, Dkv]`` (default: itself).
 
-    The masking and position arguments are those of :func:`attnjax.multi_head_attention`.
-    With ``sow_weights=True`` the attention weights ``[..., N, T, S]`` are sown into the
-    ``"intermediates"`` collection as ``"attention_weights"``.
+    Args:
+      inputs_q: ``[..., T, D]``.
+      inputs_k: ``[..., S, Dkv]``; defaults to ``inputs_q`` (self-attention), as in Flax.
+      inputs_v: ``[..., S, Dv]``; defaults to ``inputs_k``.
+      inputs_kv: the older spelling of ``inputs_k`` and ``inputs_v`` both.
+      mask, bias, is_causal, q_segment_ids, kv_segment_ids, local_window_size,
+      query_positions, key_positions: as in :func:`attnjax.multi_head_attention`.
+      deterministic: disables dropout; merged with the module's ``deterministic``.
+      dropout_rng: a ``jax.random.key`` for dropout; defaults to the ``"dropout"`` rng.
+      sow_weights: sow the attention weights ``[..., N, T, S]`` into the
+        ``"intermediates"`` collection as ``"attention_weights"``.
 
     Returns:
       ``[..., T, out_features]``.
+
+    Raises:
+      ValueError: for inputs that do not fit the parameters or each other (see
+        :func:`attnjax.multi_head_attention`), or key/value inputs with ``decode=True``.
     """
-    inputs_q = jnp.asarray(inputs_q)
-    x_kv = inputs_q if inputs_kv is None else jnp.asarray(inputs_kv)
+    x_q, x_k, x_v = multihead.resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv)
     N = self.num_heads
     K = N if self.num_kv_heads is None else self.num_kv_heads
-    H = _head_dim(self.head_dim, inputs_q.shape[-1], N)
+    H = _head_dim(self.head_dim, x_q.shape[-1], N)
     shapes = multihead.projection_shapes(
-        inputs_q.shape[-1], x_kv.shape[-1], self.out_features or inputs_q.shape[-1], N, K, H)
+        x_q.shape[-1], x_k.shape[-1], self.out_features or x_q.shape[-1], N, K, H,
+        v_features=x_v.shape[-1])
     params = {
-        name: _Projection(kernel_shape, bias_shape, n_in, self.use_bias, self.kernel_init,
-                          self.bias_init, self.param_dtype, name=name)()
+        name: _Projection(kernel_shape, bias_shape, n_in, self.use_bias,
+                          *multihead.projection_initializers(
+                              name, self.kernel_init, self.bias_init, self.out_kernel_init,
+                              self.out_bias_init),
+                          self.param_dtype, name=name)()
         for name, (kernel_shape, bias_shape, n_in) in shapes.items()
     }
-    dropout_rng = None
-    if self.dropout_rate > 0.0:
-      if not nn.merge_param("deterministic", self.deterministic, deterministic):
+    if self.normalize_qk:
+      for name in multihead.QK_NORM_NAMES:
+        params[name] = _LayerNormScale(H, self.param_dtype, name=name)()
+    if self.dropout_rate > 0.0 and not nn.merge_param("deterministic", self.deterministic,
+                                                      deterministic):
+      if dropout_rng is None:
         dropout_rng = self.make_rng("dropout")
+    else:
+      dropout_rng = None
 
     cache = None
+    self_attention = inputs_k is None and inputs_v is None and inputs_kv is None
     if self.decode:
-      if inputs_kv is not None:
-        raise ValueError("decode=True is for self-attention: call with inputs_kv=None")
+      if not self_attention:
+        raise ValueError("decode=True is for self-attention: call without inputs_k, inputs_v "
+                         "or inputs_kv")
       initialized = self.has_variable("cache", "cached_key")
-      dtype = self.dtype or jnp.result_type(inputs_q, self.param_dtype)
-      fresh = multihead.init_kv_cache(inputs_q.shape[:-2], inputs_q.shape[-2], K, H, dtype)
+      dtype = self.dtype or jnp.result_type(x_q, self.param_dtype)
+      fresh = multihead.init_kv_cache(x_q.shape[:-2], x_q.shape[-2], K, H, dtype)
       cached_key = self.variable("cache", "cached_key", lambda: fresh["key"])
       cached_value = self.variable("cache", "cached_value", lambda: fresh["value"])
       cache_index = self.variable("cache", "cache_index", lambda: fresh["index"])
@@ -145,8 +201,9 @@ class MultiHeadAttention(nn.Module):
         cache = {"key": cached_key.value, "value": cached_value.value,
                  "index": cache_index.value}
 
+    kv = (None, None) if self_attention else (x_k, x_v)
     out, weights, cache = _attend(
-        self, params, inputs_q, inputs_kv, cache=cache, dropout_rng=dropout_rng,
+        self, params, x_q, *kv, cache=cache, dropout_rng=dropout_rng,
         sow_weights=sow_weights, mask=mask, bias=bias, is_causal=is_causal,
         local_window_size=local_window_size, q_segment_ids=q_segment_ids,
         kv_segment_ids=kv_segment_ids, query_positions=query_positions,
@@ -196,18 +253,20 @@ class RotaryPositionEmbedding(nn.Module):
                                    layout=self.layout)
 
 
-def _attend(module, params, inputs_q, inputs_kv, *, cache, dropout_rng, sow_weights, **options):
+def _attend(module, params, inputs_q, inputs_k, inputs_v, *, cache, dropout_rng, sow_weights,
+            **options):
   """:func:`attnjax.multi_head_attention` with the options held by a Linen or NNX module.
 
   Returns:
     ``(out, weights or None, new cache or None)``.
   """
   result = multihead.multi_head_attention(
-      params, inputs_q, inputs_kv, logits_soft_cap=module.logits_soft_cap,
+      params, inputs_q, inputs_k, inputs_v, logits_soft_cap=module.logits_soft_cap,
       rotary=module.rotary, rotary_max_timescale=module.rotary_max_timescale, cache=cache,
       dropout_rate=module.dropout_rate if dropout_rng is not None else 0.0,
       dropout_rng=dropout_rng, return_weights=sow_weights, dtype=module.dtype,
-      implementation=module.implementation, **options)
+      precision=module.precision, implementation=module.implementation,
+      attention_fn=module.attention_fn, **options)
   if cache is not None:
     result, cache = result
   out, weights = result if sow_weights else (result, None)

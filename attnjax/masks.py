@@ -57,7 +57,7 @@ def sliding_window_mask(q_len: int, kv_len: int, window: int | tuple[int, int]) 
   """
   _check_length("q_len", q_len)
   _check_length("kv_len", kv_len)
-  left, right = canonical_window(window)
+  left, right = canonical_window(window, "window")
   diff = jnp.arange(kv_len)[None, :] - jnp.arange(q_len)[:, None]
   # Sides longer than the sequence hide nothing; cutting them keeps int32 from overflowing.
   left, right = min(left, max(q_len, 1)), min(right, max(kv_len, 1))
@@ -131,26 +131,37 @@ def combine_masks(*masks: ArrayLike | None) -> Array | None:
     TypeError: if a mask is not bool.
     ValueError: if the masks do not broadcast together.
   """
-  masks = [_as_bool(f"masks[{i}]", m) for i, m in enumerate(masks) if m is not None]
-  if not masks:
+  given = [_as_bool(f"masks[{i}]", m) for i, m in enumerate(masks) if m is not None]
+  if not given:
     return None
   try:
-    np.broadcast_shapes(*(m.shape for m in masks))
+    np.broadcast_shapes(*(m.shape for m in given))
   except ValueError:
-    shapes = ", ".join(str(m.shape) for m in masks)
+    shapes = ", ".join(str(m.shape) for m in given)
     raise ValueError(f"combine_masks: masks do not broadcast together, got shapes "
                      f"{shapes}") from None
-  return functools.reduce(jnp.logical_and, masks)
+  return functools.reduce(jnp.logical_and, given)
 
 
-def canonical_window(window: int | tuple[int, int]) -> tuple[int, int]:
-  """``window`` as a ``(left, right)`` pair of non-negative Python ints."""
-  pair = (window, window) if isinstance(window, (int, np.integer)) else tuple(window)
+def canonical_window(window: int | tuple[int, int],
+                     name: str = "local_window_size") -> tuple[int, int]:
+  """``window`` as a ``(left, right)`` pair of non-negative Python ints.
+
+  Args:
+    window: one int ``w`` meaning ``(w, w)``, or a ``(left, right)`` pair.
+    name: the caller's name for ``window``, used in error messages.
+
+  Raises:
+    ValueError: if ``window`` is negative or not one or two ints.
+  """
+  try:
+    pair = (window, window) if isinstance(window, (int, np.integer)) else tuple(window)
+  except TypeError:  # Not iterable, e.g. a float.
+    pair = ()
   if len(pair) != 2 or not all(isinstance(w, (int, np.integer)) for w in pair):
-    raise ValueError(f"local_window_size must be an int or a (left, right) pair of ints, "
-                     f"got {window!r}")
+    raise ValueError(f"{name} must be an int or a (left, right) pair of ints, got {window!r}")
   if min(pair) < 0:
-    raise ValueError(f"local_window_size must be non-negative, got {window!r}")
+    raise ValueError(f"{name} must be non-negative, got {window!r}")
   return int(pair[0]), int(pair[1])
 
 
@@ -244,9 +255,8 @@ class Mask:
 
 
 def _dataclass(cls=None, *, meta=()):
-  """A frozen dataclass registered as a pytree: ``meta`` fields static, the others leaves."""
+  """A dataclass registered as a pytree: ``meta`` fields static, the others leaves."""
   def wrap(cls):
-    cls = dataclasses.dataclass(frozen=True)(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
     return jax.tree_util.register_dataclass(
         cls, data_fields=[f for f in fields if f not in meta], meta_fields=list(meta))
@@ -261,6 +271,7 @@ def _block_ranges(length: int, block: int):
 
 
 @_dataclass(meta=("offset",))
+@dataclasses.dataclass(frozen=True)
 class Causal(Mask):
   """Key j is visible to query i iff ``j <= i + offset`` (top-left aligned for offset 0)."""
   offset: int = 0
@@ -276,6 +287,7 @@ class Causal(Mask):
 
 
 @_dataclass(meta=("left", "right"))
+@dataclasses.dataclass(frozen=True)
 class LocalWindow(Mask):
   """Key j is visible to query i iff ``i - left <= j <= i + right``."""
   left: int
@@ -303,6 +315,7 @@ class LocalWindow(Mask):
 
 
 @_dataclass(meta=("size",))
+@dataclasses.dataclass(frozen=True)
 class Chunked(Mask):
   """Key j is visible to query i iff ``i // size == j // size`` (block-diagonal chunks, as in
   Llama 4's chunked attention; ``Chunked(n) & Causal()`` for causal chunks)."""
@@ -362,6 +375,7 @@ def _take(x: Array, idx: Array) -> Array:
 
 
 @_dataclass
+@dataclasses.dataclass(frozen=True)
 class Segments(_DataMask):
   """Packed sequences: key j is visible to query i iff their segment ids are equal.
 
@@ -391,6 +405,7 @@ class Segments(_DataMask):
 
 
 @_dataclass
+@dataclasses.dataclass(frozen=True)
 class Lengths(_DataMask):
   """Padding from lengths: key j is visible to query i iff ``i < q_lengths[b]`` and
   ``j < kv_lengths[b]``. ``q_lengths`` and ``kv_lengths`` are int ``[...]`` (batch dims) and
@@ -418,6 +433,7 @@ class Lengths(_DataMask):
 
 
 @_dataclass
+@dataclasses.dataclass(frozen=True)
 class PrefixLM(_DataMask):
   """Prefix language model: key j is visible to query i iff ``j <= i`` or
   ``j < prefix_lengths[b]`` (bidirectional over the prefix, causal after it). The lengths
@@ -443,6 +459,7 @@ class PrefixLM(_DataMask):
 
 
 @_dataclass(meta=("fn", "batch_heads"))
+@dataclasses.dataclass(frozen=True)
 class MaskFn(Mask):
   """Any rule ``fn(batch, head, q_idx, kv_idx) -> bool`` on broadcastable int32 arrays (see
   :class:`Mask`). Its blocks are classified by evaluating ``fn`` one row of blocks at a time
@@ -492,6 +509,7 @@ class MaskFn(Mask):
 
 
 @_dataclass
+@dataclasses.dataclass(frozen=True)
 class _ArrayMask(Mask):
   """A bool array ``[B|1, N|1, T|1, S|1]`` (True = attend) as a mask object."""
   mask: Array
@@ -523,6 +541,7 @@ class _ArrayMask(Mask):
 
 
 @_dataclass
+@dataclasses.dataclass(frozen=True)
 class And(Mask):
   """Visible where both masks are."""
   a: Mask
@@ -540,6 +559,7 @@ class And(Mask):
 
 
 @_dataclass
+@dataclasses.dataclass(frozen=True)
 class Or(Mask):
   """Visible where either mask is."""
   a: Mask
@@ -557,6 +577,7 @@ class Or(Mask):
 
 
 @_dataclass
+@dataclasses.dataclass(frozen=True)
 class Not(Mask):
   """Visible where the mask is not (full and empty blocks swap)."""
   a: Mask
@@ -599,13 +620,14 @@ def from_arguments(mask: Mask | ArrayLike | None, is_causal: bool,
   if is_causal:
     parts.append(Causal())
   if window is not None:
-    parts.append(LocalWindow(*canonical_window(window)))
+    left, right = canonical_window(window)
+    parts.append(LocalWindow(left, right))
   if q_segment_ids is not None:
-    parts.append(Segments(q_segment_ids, kv_segment_ids))
+    parts.append(Segments(jnp.asarray(q_segment_ids), jnp.asarray(kv_segment_ids)))
   if not parts:
     return None
   args = (tuple(batch_shape), num_heads, q_len, kv_len)
-  return functools.reduce(And, (p.canonical(*args) for p in parts))
+  return functools.reduce(lambda a, b: And(a, b), (p.canonical(*args) for p in parts))
 
 
 def static_block_grid(mask: Mask | None, q_len: int, kv_len: int, block_q: int,

@@ -5,20 +5,29 @@ For bare JAX, Haiku or Equinox code; the Flax modules in ``attnjax.linen`` and
 shapes are those of ``flax.linen.MultiHeadDotProductAttention``, so weights port both ways
 as they are::
 
-  {"query": {"kernel": [D, N, H], "bias": [N, H]},
-   "key":   {"kernel": [Dkv, K, H], "bias": [K, H]},
-   "value": {"kernel": [Dkv, K, H], "bias": [K, H]},
-   "out":   {"kernel": [N, H, Dout], "bias": [Dout]}}
+  {"query":    {"kernel": [D, N, H], "bias": [N, H]},
+   "key":      {"kernel": [Dkv, K, H], "bias": [K, H]},
+   "value":    {"kernel": [Dv, K, H], "bias": [K, H]},
+   "out":      {"kernel": [N, H, Dout], "bias": [Dout]},
+   "query_ln": {"scale": [H]},
+   "key_ln":   {"scale": [H]}}
 
-Shape letters: T query length, S key/value length, D/Dkv/Dout feature widths, N query heads,
-K key/value heads (K = N for multi-head attention), H head dim, M cache length.
+The biases are there only with ``use_bias``, and ``query_ln`` and ``key_ln`` only with QK
+normalisation (Flax's ``normalize_qk``: a LayerNorm without bias over the H features of each
+projected query and key head).
+
+Shape letters: T query length, S key/value length, D/Dkv/Dv/Dout feature widths, N query
+heads, K key/value heads (K = N for multi-head attention), H head dim, M cache length.
 
 References:
   Vaswani et al. 2017, "Attention Is All You Need", section 3.2.2.
+  Dehghani et al. 2023, "Scaling Vision Transformers to 22 Billion Parameters" (QK
+  normalisation).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -32,9 +41,14 @@ from attnjax import attention, masks, positional
 
 Params = dict[str, dict[str, Array]]
 Initializer = Callable[..., Array]
+# A replacement for attnjax.dot_product_attention; see multi_head_attention's attention_fn.
+AttentionFn = Callable[..., Any]
 # Variance scaling over the fan-in and fan-out of the flattened kernel, as flax's DenseGeneral.
 default_kernel_init = jax.nn.initializers.lecun_normal()
 default_bias_init = jax.nn.initializers.zeros
+# The parameter groups of QK normalisation, and its epsilon (that of Flax's LayerNorm).
+QK_NORM_NAMES = ("query_ln", "key_ln")
+LAYER_NORM_EPSILON = 1e-6
 
 
 def init_multi_head_attention(
@@ -45,16 +59,21 @@ def init_multi_head_attention(
     *,
     num_kv_heads: int | None = None,
     kv_features: int | None = None,
+    v_features: int | None = None,
     out_features: int | None = None,
     use_bias: bool = True,
+    normalize_qk: bool = False,
     kernel_init: Initializer = default_kernel_init,
     bias_init: Initializer = default_bias_init,
+    out_kernel_init: Initializer | None = None,
+    out_bias_init: Initializer | None = None,
     dtype: DTypeLike = jnp.float32,
 ) -> Params:
   """Initial parameters for :func:`multi_head_attention`.
 
-  Kernels are initialised like Flax's ``DenseGeneral``: ``kernel_init`` gets the flattened
-  2-D shape ``(fan_in, fan_out)`` and the result is reshaped.
+  Kernels and biases are initialised like Flax's ``DenseGeneral``: ``kernel_init`` gets the
+  flattened 2-D shape ``(fan_in, fan_out)``, ``bias_init`` the 1-D shape ``(fan_out,)``, and
+  the results are reshaped.
 
   Args:
     rng: a ``jax.random.key``.
@@ -62,10 +81,15 @@ def init_multi_head_attention(
     num_heads: query heads N.
     head_dim: H.
     num_kv_heads: key/value heads K (a divisor of N); defaults to N.
-    kv_features: width of the keys' and values' inputs; defaults to ``in_features``.
+    kv_features: width of the keys' inputs (and of the values' unless ``v_features`` is
+      given); defaults to ``in_features``.
+    v_features: width of the values' inputs; defaults to ``kv_features``.
     out_features: output width; defaults to ``in_features``.
     use_bias: whether the projections have biases.
+    normalize_qk: add the ``query_ln`` and ``key_ln`` scales (ones) of QK normalisation.
     kernel_init, bias_init: initialisers ``(rng, shape, dtype) -> array``.
+    out_kernel_init, out_bias_init: initialisers of the output projection; default to
+      ``kernel_init`` and ``bias_init``.
     dtype: parameter dtype.
 
   Returns:
@@ -78,25 +102,41 @@ def init_multi_head_attention(
   kv_features = in_features if kv_features is None else kv_features
   out_features = in_features if out_features is None else out_features
   shapes = projection_shapes(in_features, kv_features, out_features, num_heads, num_kv_heads,
-                             head_dim)
+                             head_dim, v_features=v_features)
   params = {}
   for rng_i, (name, (kernel_shape, bias_shape, n_in)) in zip(
       jax.random.split(rng, len(shapes)), shapes.items()):
-    params[name] = {"kernel": init_kernel(kernel_init, rng_i, kernel_shape, n_in, dtype)}
+    k_init, b_init = projection_initializers(name, kernel_init, bias_init, out_kernel_init,
+                                             out_bias_init)
+    params[name] = {"kernel": init_kernel(k_init, rng_i, kernel_shape, n_in, dtype)}
     if use_bias:
-      params[name]["bias"] = bias_init(rng_i, bias_shape, dtype)
+      params[name]["bias"] = init_bias(b_init, rng_i, bias_shape, dtype)
+  if normalize_qk:
+    for name in QK_NORM_NAMES:
+      params[name] = {"scale": jnp.ones((head_dim,), dtype)}
   return params
 
 
-def projection_shapes(in_features, kv_features, out_features, num_heads, num_kv_heads, head_dim):
+def projection_shapes(in_features, kv_features, out_features, num_heads, num_kv_heads, head_dim,
+                      *, v_features=None):
   """{name: (kernel shape, bias shape, number of input axes of the kernel)}."""
   N, K, H = num_heads, num_kv_heads, head_dim
+  v_features = kv_features if v_features is None else v_features
   return {
       "query": ((in_features, N, H), (N, H), 1),
       "key": ((kv_features, K, H), (K, H), 1),
-      "value": ((kv_features, K, H), (K, H), 1),
+      "value": ((v_features, K, H), (K, H), 1),
       "out": ((N, H, out_features), (out_features,), 2),
   }
+
+
+def projection_initializers(name: str, kernel_init: Initializer, bias_init: Initializer,
+                            out_kernel_init: Initializer | None,
+                            out_bias_init: Initializer | None) -> tuple[Initializer, Initializer]:
+  """The kernel and bias initialisers of projection ``name``, as Flax chooses them."""
+  if name == "out":
+    return out_kernel_init or kernel_init, out_bias_init or bias_init
+  return kernel_init, bias_init
 
 
 def init_kernel(init: Initializer, rng: Array, shape: tuple[int, ...], n_in: int,
@@ -104,6 +144,11 @@ def init_kernel(init: Initializer, rng: Array, shape: tuple[int, ...], n_in: int
   """Initialises a kernel of ``shape`` whose first ``n_in`` axes are inputs, as DenseGeneral."""
   flat = (math.prod(shape[:n_in]), math.prod(shape[n_in:]))
   return init(rng, flat, dtype).reshape(shape)
+
+
+def init_bias(init: Initializer, rng: Array, shape: tuple[int, ...], dtype: DTypeLike) -> Array:
+  """Initialises a bias of ``shape`` from its flattened 1-D shape, as DenseGeneral."""
+  return init(rng, (math.prod(shape),), dtype).reshape(shape)
 
 
 def init_kv_cache(batch_shape: tuple[int, ...], max_length: int, num_kv_heads: int,
@@ -119,11 +164,45 @@ def init_kv_cache(batch_shape: tuple[int, ...], max_length: int, num_kv_heads: i
           "index": jnp.zeros((), jnp.int32)}
 
 
+def resolve_inputs(inputs_q: ArrayLike, inputs_k: ArrayLike | None = None,
+                   inputs_v: ArrayLike | None = None,
+                   inputs_kv: ArrayLike | None = None) -> tuple[Array, Array, Array]:
+  """The query, key and value inputs by Flax's rules.
+
+  ``inputs_k`` defaults to ``inputs_q`` (self-attention) and ``inputs_v`` to ``inputs_k``;
+  ``inputs_kv`` is the older spelling of ``inputs_k`` and ``inputs_v`` both.
+
+  Returns:
+    ``(x_q [..., T, D], x_k [..., S, Dkv], x_v [..., S, Dv])``.
+
+  Raises:
+    ValueError: for ``inputs_kv`` with ``inputs_k`` or ``inputs_v``, ``inputs_v`` without
+      ``inputs_k``, or keys and values of different batch dims or lengths.
+  """
+  if inputs_kv is not None:
+    if inputs_k is not None or inputs_v is not None:
+      raise ValueError("pass inputs_kv or inputs_k and inputs_v, not both: inputs_kv stands "
+                       "for inputs_k and inputs_v")
+    inputs_k = inputs_kv
+  elif inputs_k is None and inputs_v is not None:
+    raise ValueError("inputs_v needs inputs_k (inputs_k=None means self-attention); for keys "
+                     "and values from one array, pass it as inputs_k")
+  x_q = jnp.asarray(inputs_q)
+  x_k = x_q if inputs_k is None else jnp.asarray(inputs_k)
+  x_v = x_k if inputs_v is None else jnp.asarray(inputs_v)
+  if x_k.shape[:-1] != x_v.shape[:-1]:
+    raise ValueError(f"inputs_k and inputs_v must have the same batch dims and length "
+                     f"[..., S, features], got shapes {x_k.shape} and {x_v.shape}")
+  return x_q, x_k, x_v
+
+
 def multi_head_attention(
     params: Params,
     inputs_q: ArrayLike,
-    inputs_kv: ArrayLike | None = None,
+    inputs_k: ArrayLike | None = None,
+    inputs_v: ArrayLike | None = None,
     *,
+    inputs_kv: ArrayLike | None = None,
     num_heads: int | None = None,
     num_kv_heads: int | None = None,
     mask: ArrayLike | None = None,
@@ -142,18 +221,24 @@ def multi_head_attention(
     dropout_rng: Array | None = None,
     return_weights: bool = False,
     dtype: DTypeLike | None = None,
-    implementation: str | None = None,
+    precision: jax.lax.PrecisionLike = None,
+    implementation: attention.Implementation | None = None,
+    attention_fn: AttentionFn = attention.dot_product_attention,
 ) -> Any:
   """Multi-head (or grouped-query) attention with learned projections.
 
-  Projects ``inputs_q`` to queries and ``inputs_kv`` to keys and values, optionally applies
-  rotary position embeddings to queries and keys, runs
-  :func:`attnjax.dot_product_attention` and projects the concatenated heads to the output.
+  Projects ``inputs_q`` to queries, ``inputs_k`` to keys and ``inputs_v`` to values,
+  normalises queries and keys if ``params`` has ``query_ln`` and ``key_ln``, optionally
+  applies rotary position embeddings to them, runs ``attention_fn`` (by default
+  :func:`attnjax.dot_product_attention`) and projects the concatenated heads to the output.
 
   Args:
     params: the pytree of :func:`init_multi_head_attention` (or a Flax module's params).
     inputs_q: ``[..., T, D]``.
-    inputs_kv: ``[..., S, Dkv]``; ``None`` means self-attention (``inputs_q``).
+    inputs_k: ``[..., S, Dkv]``; ``None`` means self-attention (``inputs_q``).
+    inputs_v: ``[..., S, Dv]``; ``None`` means ``inputs_k``.
+    inputs_kv: ``[..., S, Dkv]``, keys' and values' inputs at once; the older spelling of
+      ``inputs_k`` (with ``inputs_v=None``), not to be combined with them.
     num_heads, num_kv_heads: optional checks of N and K; both are read from ``params``.
     mask, bias, is_causal, local_window_size, q_segment_ids, kv_segment_ids,
     logits_soft_cap, dropout_rate, dropout_rng, implementation: as in
@@ -174,10 +259,32 @@ def multi_head_attention(
     return_weights: also return the attention weights ``[..., N, T, S]`` (``S = M`` with a
       cache).
     dtype: computation dtype; defaults to the promotion of inputs and params.
+    precision: ``jax.lax.Precision`` of the projections' einsums, also passed to
+      ``attention_fn`` (see :func:`attnjax.dot_product_attention`).
+    attention_fn: replaces :func:`attnjax.dot_product_attention` (Flax's ``attention_fn``).
+      It is called as ``attention_fn(query, key, value, **options)`` with ``query
+      [..., T, N, H]`` and ``key``, ``value`` ``[..., S, K, H]`` (normalised, rotated, and
+      read from the cache when decoding), and returns ``out [..., T, N, H]``, or ``(out,
+      weights [..., N, T, S])`` when ``return_weights=True``. ``options`` are ``bias``,
+      ``mask``, ``is_causal``, ``local_window_size``, ``q_segment_ids``,
+      ``kv_segment_ids``, ``logits_soft_cap``, ``dropout_rate``, ``dropout_rng``,
+      ``return_weights``, ``implementation`` and ``precision``, with the meanings of
+      :func:`attnjax.dot_product_attention` (with a cache, the causal and window masks are
+      folded into ``mask``). A callable with ``**kwargs`` gets them all; otherwise only
+      those its signature names, and one it does not name must hold its neutral value
+      (``None``, ``False`` or a zero ``dropout_rate``), so that Flax-style functions such
+      as ``fn(query, key, value, mask=None, dropout_rng=None, dropout_rate=0.0,
+      precision=None)`` work as they are.
 
   Returns:
     ``out [..., T, Dout]``, or ``(out, weights)`` with ``return_weights``; with a cache, the
     pair ``(that, new_cache)``.
+
+  Raises:
+    ValueError: for inputs whose widths do not match the kernels, head counts that do not
+      match ``num_heads``/``num_kv_heads``, a misuse of the cache or of the input arguments
+      (see :func:`resolve_inputs`).
+    TypeError: if ``attention_fn`` does not take an option that is not neutral.
   """
   q_kernel = params["query"]["kernel"]
   N, H = q_kernel.shape[-2:]
@@ -187,24 +294,32 @@ def multi_head_attention(
       raise ValueError(f"{name}={given} does not match the parameters, which have {actual} "
                        f"(query kernel {q_kernel.shape}, key kernel "
                        f"{params['key']['kernel'].shape})")
-  x_q = jnp.asarray(inputs_q)
-  self_attention = inputs_kv is None
-  x_kv = x_q if self_attention else jnp.asarray(inputs_kv)
+  self_attention = inputs_k is None and inputs_v is None and inputs_kv is None
+  x_q, x_k, x_v = resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv)
   if dtype is None:
-    dtype = jnp.result_type(x_q, x_kv, q_kernel)
-  for name, x, kernel in (("inputs_q", x_q, q_kernel),
-                          ("inputs_kv", x_kv, params["key"]["kernel"])):
+    dtype = jnp.result_type(x_q, x_k, x_v, q_kernel)
+  k_name = "inputs_k" if inputs_kv is None else "inputs_kv"
+  for name, x, kernel in (("inputs_q", x_q, q_kernel), (k_name, x_k, params["key"]["kernel"]),
+                          ("inputs_v", x_v, params["value"]["kernel"])):
     if x.ndim < 2 or x.shape[-1] != kernel.shape[0]:
       raise ValueError(f"{name} must have shape [..., length, {kernel.shape[0]}] to match the "
                        f"kernel of shape {kernel.shape}, got {x.shape}")
 
-  query = _project(params["query"], x_q, dtype)
-  key = _project(params["key"], x_kv, dtype)
-  value = _project(params["value"], x_kv, dtype)
+  query = _project(params["query"], x_q, dtype, precision)
+  key = _project(params["key"], x_k, dtype, precision)
+  value = _project(params["value"], x_v, dtype, precision)
+  normalize = [name in params for name in QK_NORM_NAMES]
+  if any(normalize):
+    if not all(normalize):
+      raise ValueError(f"QK normalisation needs both {QK_NORM_NAMES} in params, got "
+                       f"{sorted(params)}")
+    query = _layer_norm(query, params["query_ln"]["scale"], dtype)
+    key = _layer_norm(key, params["key_ln"]["scale"], dtype)
 
   if cache is not None:
     if not self_attention:
-      raise ValueError("a key/value cache is for self-attention: pass inputs_kv=None")
+      raise ValueError("a key/value cache is for self-attention: pass no inputs_k, inputs_v "
+                       "or inputs_kv")
     if q_segment_ids is not None or kv_segment_ids is not None:
       raise ValueError("segment ids are not supported with a key/value cache")
     index = cache["index"]
@@ -231,7 +346,7 @@ def multi_head_attention(
     mask = masks.combine_masks(mask, visible)
     is_causal, local_window_size = False, None
   elif rotary:
-    S = x_kv.shape[-2]
+    S = x_k.shape[-2]
     key_positions = jnp.arange(S) if key_positions is None else key_positions
     key = positional.apply_rotary(key, key_positions, max_timescale=rotary_max_timescale)
   if rotary:
@@ -239,15 +354,17 @@ def multi_head_attention(
       query_positions = jnp.arange(x_q.shape[-2])
     query = positional.apply_rotary(query, query_positions, max_timescale=rotary_max_timescale)
 
-  result = attention.dot_product_attention(
-      query, key, value, bias, mask, is_causal=is_causal, local_window_size=local_window_size,
-      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-      logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-      return_weights=return_weights, implementation=implementation)
+  result = call_attention_fn(
+      attention_fn, query, key, value, bias=bias, mask=mask, is_causal=is_causal,
+      local_window_size=local_window_size, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap,
+      dropout_rate=dropout_rate, dropout_rng=dropout_rng, return_weights=return_weights,
+      implementation=implementation, precision=precision)
   heads, weights = result if return_weights else (result, None)
 
   out_params = params["out"]
-  out = jnp.einsum("...tnh,nhd->...td", heads, out_params["kernel"].astype(dtype))
+  out = jnp.einsum("...tnh,nhd->...td", heads, out_params["kernel"].astype(dtype),
+                   precision=precision)
   if "bias" in out_params:
     out = out + out_params["bias"].astype(dtype)
   if cache is not None:  # A write past the end was clamped: make the wrong answer NaN.
@@ -257,12 +374,54 @@ def multi_head_attention(
   return (result, cache) if cache is not None else result
 
 
-def _project(p: dict[str, Array], x: Array, dtype: DTypeLike) -> Array:
+def call_attention_fn(attention_fn: AttentionFn, query: Array, key: Array, value: Array,
+                      **options: Any) -> Any:
+  """``attention_fn(query, key, value, **options)``, with the options its signature takes.
+
+  An option that ``attention_fn`` does not take (and cannot take as ``**kwargs``) is left
+  out if it holds its neutral value (``None``, ``False``, a zero ``dropout_rate``).
+
+  Raises:
+    TypeError: if ``attention_fn`` does not take an option that is not neutral.
+  """
+  try:
+    parameters = inspect.signature(attention_fn).parameters
+  except (TypeError, ValueError):  # No signature to read: pass everything.
+    return attention_fn(query, key, value, **options)
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+    return attention_fn(query, key, value, **options)
+  taken = {}
+  for name, value_ in options.items():
+    if name in parameters:
+      taken[name] = value_
+    elif not (value_ is None or value_ is False or (name == "dropout_rate" and value_ == 0)):
+      shown = (f"an array of shape {value_.shape}" if hasattr(value_, "shape")
+               else repr(value_))
+      raise TypeError(f"attention_fn {getattr(attention_fn, '__name__', attention_fn)!r} "
+                      f"does not take {name}, which is {shown} here")
+  return attention_fn(query, key, value, **taken)
+
+
+def _project(p: dict[str, Array], x: Array, dtype: DTypeLike,
+             precision: jax.lax.PrecisionLike) -> Array:
   """x [..., L, D] -> [..., L, heads, H]."""
-  y = jnp.einsum("...ld,dnh->...lnh", x.astype(dtype), p["kernel"].astype(dtype))
+  y = jnp.einsum("...ld,dnh->...lnh", x.astype(dtype), p["kernel"].astype(dtype),
+                 precision=precision)
   if "bias" in p:
     y = y + p["bias"].astype(dtype)
   return y
+
+
+def _layer_norm(x: Array, scale: Array, dtype: DTypeLike) -> Array:
+  """LayerNorm without bias over the last axis, as Flax's ``LayerNorm(use_bias=False)``.
+
+  The statistics are float32 or wider (``E[x^2] - E[x]^2``, clipped at 0, as Flax's default
+  fast variance); the result is cast to ``dtype``.
+  """
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.maximum(0.0, jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean)
+  return ((x - mean) * (jax.lax.rsqrt(var + LAYER_NORM_EPSILON) * scale)).astype(dtype)
 
 
 def _write(cached: Array, new: Array, index: Array) -> Array:
@@ -270,5 +429,5 @@ def _write(cached: Array, new: Array, index: Array) -> Array:
   if new.shape[:-3] != cached.shape[:-3] or new.shape[-2:] != cached.shape[-2:]:
     raise ValueError(f"inputs of shape {new.shape} (projected) do not fit a cache of shape "
                      f"{cached.shape}")
-  start = (0,) * (cached.ndim - 3) + (index, 0, 0)
+  start: tuple[Any, ...] = (0,) * (cached.ndim - 3) + (index, 0, 0)
   return jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype), start)

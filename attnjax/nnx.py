@@ -1,10 +1,15 @@
 """Flax NNX modules over the attnjax core.
 
 The same modules as :mod:`attnjax.linen`, holding the same parameters under the same names
-(``query``, ``key``, ``value``, ``out``, each with ``kernel`` and ``bias``) and giving the
-same outputs. The attention weights are recorded with ``sow_weights=True`` as an
-``nnx.Intermediate`` named ``attention_weights`` (collect them with ``nnx.capture``, e.g.
-``nnx.capture(forward, nnx.Intermediate)``); decoding keeps ``nnx.Cache`` variables.
+(``query``, ``key``, ``value``, ``out``, each with ``kernel`` and ``bias``, and with
+``normalize_qk`` ``query_ln`` and ``key_ln`` with ``scale``) and giving the same outputs.
+``MultiHeadAttention`` takes the options of ``flax.nnx.MultiHeadAttention`` under Flax's
+names (``normalize_qk``, ``out_kernel_init``, ``out_bias_init``, ``precision``,
+``attention_fn``, ``keep_rngs``; ``inputs_k`` and ``inputs_v`` at call time), and its
+parameters port to and from Flax's with ``nnx.update``. The attention weights are recorded
+with ``sow_weights=True`` as an ``nnx.Intermediate`` named ``attention_weights`` (collect
+them with ``nnx.capture``, e.g. ``nnx.capture(forward, nnx.Intermediate)``); decoding keeps
+``nnx.Cache`` variables.
 
 Shapes: inputs ``[..., T, D]``; attention weights ``[..., N, T, S]``; rotary inputs
 ``[..., L, N, H]``.
@@ -14,12 +19,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 from jax.typing import ArrayLike
 
-from attnjax import linen, multihead, positional
+from attnjax import attention, linen, multihead, positional
 
 Dtype = Any
 
@@ -32,13 +38,25 @@ class _Projection(nnx.Module):
     self.kernel = nnx.Param(multihead.init_kernel(
         kernel_init, rngs.params(), kernel_shape, num_input_axes, param_dtype))
     self.bias = nnx.data(
-        nnx.Param(bias_init(rngs.params(), bias_shape, param_dtype)) if use_bias else None)
+        nnx.Param(multihead.init_bias(bias_init, rngs.params(), bias_shape, param_dtype))
+        if use_bias else None)
 
   def as_dict(self) -> dict[str, Array]:
     p = {"kernel": self.kernel[...]}
     if self.bias is not None:
       p["bias"] = self.bias[...]
     return p
+
+
+class _LayerNormScale(nnx.Module):
+  """The ``scale [features]`` of a LayerNorm without bias (Flax's initial ones)."""
+
+  def __init__(self, features: int, param_dtype: Dtype, rngs: nnx.Rngs):
+    rngs.params()  # Drawn and unused, as by Flax's LayerNorm: later parameters match Flax's.
+    self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+
+  def as_dict(self) -> dict[str, Array]:
+    return {"scale": self.scale[...]}
 
 
 class MultiHeadAttention(nnx.Module):
@@ -52,9 +70,12 @@ class MultiHeadAttention(nnx.Module):
     kv_features: width of the key/value inputs; defaults to ``in_features``.
     out_features: output width; defaults to ``in_features``.
     use_bias, dropout_rate, deterministic, dtype, param_dtype, kernel_init, bias_init,
-    logits_soft_cap, rotary, rotary_max_timescale, decode, implementation: as in
+    logits_soft_cap, rotary, rotary_max_timescale, decode, implementation,
+    out_kernel_init, out_bias_init, normalize_qk, precision, attention_fn: as in
       :class:`attnjax.linen.MultiHeadAttention`.
     rngs: ``nnx.Rngs`` for the parameters and, with dropout, the ``"dropout"`` stream.
+    keep_rngs: with dropout, keep a fork of the ``"dropout"`` stream for calls that pass no
+      ``rngs`` (Flax's); with ``keep_rngs=False`` a call with dropout needs ``rngs``.
 
   For decoding, set ``decode=True`` and call :meth:`init_cache` first.
   """
@@ -79,8 +100,14 @@ class MultiHeadAttention(nnx.Module):
       rotary: bool = False,
       rotary_max_timescale: float = 10_000.0,
       decode: bool = False,
-      implementation: str | None = None,
+      implementation: attention.Implementation | None = None,
+      out_kernel_init: multihead.Initializer | None = None,
+      out_bias_init: multihead.Initializer | None = None,
+      normalize_qk: bool = False,
+      precision: jax.lax.PrecisionLike = None,
+      attention_fn: multihead.AttentionFn = attention.dot_product_attention,
       rngs: nnx.Rngs,
+      keep_rngs: bool = True,
   ):
     self.num_heads = num_heads
     self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -94,13 +121,24 @@ class MultiHeadAttention(nnx.Module):
     self.rotary_max_timescale = rotary_max_timescale
     self.decode = decode
     self.implementation = implementation
+    self.precision = precision
+    self.attention_fn = attention_fn
     shapes = multihead.projection_shapes(
         in_features, kv_features or in_features, out_features or in_features, num_heads,
         self.num_kv_heads, self.head_dim)
+    self.query_ln: _LayerNormScale | None = nnx.data(None)
+    self.key_ln: _LayerNormScale | None = nnx.data(None)
+    # In Flax's order, so that the same rngs give Flax's initial parameters.
     for name, (kernel_shape, bias_shape, n_in) in shapes.items():
-      setattr(self, name, _Projection(kernel_shape, bias_shape, n_in, use_bias, kernel_init,
-                                      bias_init, param_dtype, rngs))
-    self.rngs = rngs["dropout"].fork() if dropout_rate > 0.0 else nnx.data(None)
+      if name == "out" and normalize_qk:
+        self.query_ln = _LayerNormScale(self.head_dim, param_dtype, rngs)
+        self.key_ln = _LayerNormScale(self.head_dim, param_dtype, rngs)
+      initializers = multihead.projection_initializers(name, kernel_init, bias_init,
+                                                       out_kernel_init, out_bias_init)
+      setattr(self, name, _Projection(kernel_shape, bias_shape, n_in, use_bias, *initializers,
+                                      param_dtype, rngs))
+    self.rngs = (rngs["dropout"].fork() if keep_rngs and dropout_rate > 0.0
+                 else nnx.data(None))
     self.cached_key: nnx.Cache | None = nnx.data(None)
     self.cached_value: nnx.Cache | None = nnx.data(None)
     self.cache_index: nnx.Cache | None = nnx.data(None)
@@ -126,13 +164,17 @@ class MultiHeadAttention(nnx.Module):
 
   def params_dict(self) -> multihead.Params:
     """The parameters as the pytree of :func:`attnjax.multi_head_attention`."""
-    return {name: getattr(self, name).as_dict() for name in ("query", "key", "value", "out")}
+    names = ("query", "key", "value", "out") + multihead.QK_NORM_NAMES
+    return {name: getattr(self, name).as_dict() for name in names
+            if getattr(self, name) is not None}
 
   def __call__(
       self,
       inputs_q: ArrayLike,
-      inputs_kv: ArrayLike | None = None,
+      inputs_k: ArrayLike | None = None,
+      inputs_v: ArrayLike | None = None,
       *,
+      inputs_kv: ArrayLike | None = None,
       mask: ArrayLike | None = None,
       bias: ArrayLike | None = None,
       is_causal: bool = False,
@@ -142,13 +184,31 @@ class MultiHeadAttention(nnx.Module):
       query_positions: ArrayLike | None = None,
       key_positions: ArrayLike | None = None,
       deterministic: bool | None = None,
-      rngs: nnx.Rngs | None = None,
+      rngs: nnx.Rngs | nnx.RngStream | None = None,
       sow_weights: bool = False,
   ) -> Array:
-    """Attends from ``inputs_q [..., T, D]`` to ``inputs_kv [..., S, Dkv]`` (default: itself).
+    """Attends from ``inputs_q [..., T, D]`` to ``inputs_k [..., S, Dkv]`` (default: itself).
+
+    Args:
+      inputs_q: ``[..., T, D]``.
+      inputs_k: ``[..., S, Dkv]``; defaults to ``inputs_q`` (self-attention), as in Flax.
+      inputs_v: ``[..., S, Dkv]``; defaults to ``inputs_k``.
+      inputs_kv: the older spelling of ``inputs_k`` and ``inputs_v`` both.
+      mask, bias, is_causal, q_segment_ids, kv_segment_ids, local_window_size,
+      query_positions, key_positions: as in :func:`attnjax.multi_head_attention`.
+      deterministic: disables dropout; overrides the module's ``deterministic``.
+      rngs: ``nnx.Rngs`` (its ``"dropout"`` stream) or an ``nnx.RngStream`` for dropout;
+        defaults to the stream kept at construction (see ``keep_rngs``).
+      sow_weights: record the attention weights ``[..., N, T, S]`` as an
+        ``nnx.Intermediate`` named ``attention_weights``.
 
     Returns:
       ``[..., T, out_features]``.
+
+    Raises:
+      ValueError: with dropout, if ``deterministic`` is set nowhere, or if no ``rngs`` are
+        given and none were kept; with ``decode=True``, before :meth:`init_cache` or with
+        key/value inputs.
     """
     dropout_rng = None
     if self.dropout_rate > 0.0:
@@ -157,22 +217,34 @@ class MultiHeadAttention(nnx.Module):
         raise ValueError("dropout_rate > 0: pass deterministic=True/False at construction, "
                          "at call time, or through module.train() / module.eval()")
       if not deterministic:
-        dropout_rng = rngs["dropout"]() if rngs is not None else self.rngs()
+        stream = rngs["dropout"] if isinstance(rngs, nnx.Rngs) else rngs or self.rngs
+        if stream is None:
+          raise ValueError("dropout needs rngs at call time: the module was built with "
+                           "keep_rngs=False")
+        dropout_rng = stream()
 
     cache = None
+    self_attention = inputs_k is None and inputs_v is None and inputs_kv is None
     if self.decode:
-      if self.cached_key is None:
+      if not self_attention:
+        raise ValueError("decode=True is for self-attention: call without inputs_k, inputs_v "
+                         "or inputs_kv")
+      if self.cached_key is None or self.cached_value is None or self.cache_index is None:
         raise ValueError("decode=True needs a cache: call init_cache(input_shape) first")
       cache = {"key": self.cached_key[...], "value": self.cached_value[...],
                "index": self.cache_index[...]}
 
+    x_q, x_k, x_v = multihead.resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv)
+    kv = (None, None) if self_attention else (x_k, x_v)
     out, weights, cache = linen._attend(
-        self, self.params_dict(), inputs_q, inputs_kv, cache=cache, dropout_rng=dropout_rng,
+        self, self.params_dict(), x_q, *kv, cache=cache, dropout_rng=dropout_rng,
         sow_weights=sow_weights, mask=mask, bias=bias, is_causal=is_causal,
         local_window_size=local_window_size, q_segment_ids=q_segment_ids,
         kv_segment_ids=kv_segment_ids, query_positions=query_positions,
         key_positions=key_positions)
     if cache is not None:
+      assert self.cached_key is not None and self.cached_value is not None
+      assert self.cache_index is not None
       self.cached_key[...] = cache["key"]
       self.cached_value[...] = cache["value"]
       self.cache_index[...] = cache["index"]

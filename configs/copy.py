@@ -13,6 +13,7 @@ and 4 s of figures. Held-out exact match is 0.97 at step 500.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -38,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.num_layers = 1  # Layers per stack (encoder and decoder each).
   config.model.d_model = 64  # Residual width.
   config.model.num_heads = 4  # Query heads.
-  config.model.num_kv_heads = 0  # Key/value heads (grouped-query attention); 0 = num_heads.
+  # Key/value heads (grouped-query attention); None = num_heads.
+  config.model.num_kv_heads = config_dict.placeholder(int)
   config.model.mlp_dim = 128  # Hidden width of the feed-forward sublayer.
   config.model.dropout_rate = 0.0  # Dropout on embeddings and sublayer outputs.
   config.model.attention_dropout_rate = 0.0  # Dropout on attention probabilities.
@@ -46,7 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.position = "sinusoidal"  # sinusoidal, rotary or none.
   config.model.tie_embeddings = True  # Output projection = decoder input embedding.
   config.model.kernel_init = "lecun_normal"  # lecun_normal or xavier_uniform.
-  config.model.implementation = ""  # Attention implementation; "" = attnjax's default.
+  # Attention implementation, xla or blockwise; None = attnjax's default.
+  config.model.implementation = config_dict.placeholder(str)
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adam"  # adam or adamw.

@@ -690,3 +690,18 @@ def test_minus_inf_bias_hides_keys_like_a_mask():
   assert not np.any(fn(q, k, v, bias=bias)[1])
   grads = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, bias=bias) ** 2), (0, 1, 2))(q, k, v)
   assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_precision_reaches_both_einsums_of_the_dense_path():
+  rng = np.random.default_rng(2)
+  q, k, v = (rng.normal(size=(1, 128, 2, 4)).astype(np.float32) for _ in range(3))
+  highest = functools.partial(attnjax.dot_product_attention, is_causal=True,
+                              precision=jax.lax.Precision.HIGHEST)
+  jaxpr = str(jax.make_jaxpr(highest)(q, k, v))
+  # 128 keys would pick the blockwise path on CPU; a precision picks the dense one.
+  assert "custom_vjp" not in jaxpr and jaxpr.count("dot_general") == 2
+  assert jaxpr.count("precision=(Precision.HIGHEST, Precision.HIGHEST)") == 2
+  np.testing.assert_allclose(jax.jit(highest)(q, k, v),
+                             naive_attention(q, k, v, is_causal=True)[0], **F32_TOL)
+  with pytest.raises(ValueError, match="precision='highest' needs implementation='xla'"):
+    attnjax.dot_product_attention(q, k, v, precision="highest", implementation="blockwise")

@@ -37,7 +37,7 @@ def _recompute_decode(model, params, batch, target_len):
   return seq[rows[:, None], prompt[:, None] + np.arange(target_len)]
 
 
-def _model_and_batch(arch, position, name="copy", num_kv_heads=0, norm="pre"):
+def _model_and_batch(arch, position, name="copy", num_kv_heads=None, norm="pre"):
   task = tasks.Task(name, num_symbols=16, min_length=2, max_length=6, num_queries=2)
   batch = task.sample(jax.random.key(0), 4)
   cfg = models.TransformerConfig(vocab_size=task.vocab_size, num_layers=2, d_model=32,

@@ -102,7 +102,8 @@ def test_custom_initialisers_see_flattened_kernels_as_flax():
 
   def bias_init(rng, shape, dtype):
     del rng
-    return jnp.linspace(-1, 1, np.prod(shape), dtype=dtype).reshape(shape)
+    assert len(shape) == 1, shape  # DenseGeneral's flattened (fan_out,).
+    return jnp.linspace(-1, 1, shape[0], dtype=dtype)
 
   x_q, x_kv = normal(0, (2, 3, 8)), normal(1, (2, 5, 6))
   options = dict(num_heads=2, kernel_init=kernel_init, bias_init=bias_init)
@@ -112,6 +113,94 @@ def test_custom_initialisers_see_flattened_kernels_as_flax():
   jax.tree.map(np.testing.assert_array_equal, ours, theirs)
   kernel = ours["params"]["out"]["kernel"]
   np.testing.assert_array_equal(kernel, kernel_init(None, (8, 8), jnp.float32).reshape(2, 4, 8))
+
+
+FLAX_TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def sharpened_attention(query, key, value, mask=None, precision=None):
+  """A Flax-style `attention_fn`: Flax's attention at twice the logit scale."""
+  return nn.dot_product_attention(2.0 * query, key, value, mask=mask, precision=precision)
+
+
+# name: (module options, the widths of inputs_k and inputs_v (None: not passed), call options).
+# The same options go to Flax's module (with broadcast_dropout=False, so that its dropout mask
+# is drawn as attnjax's).
+FLAX_OPTION_CASES = {
+    "normalize_qk": (dict(normalize_qk=True), (None, None), {}),
+    "normalize_qk_cross": (dict(normalize_qk=True, use_bias=False), (6, None), {}),
+    "inputs_k_and_inputs_v": ({}, (6, 3), {}),
+    "precision": (dict(precision=jax.lax.Precision.HIGHEST), (6, 3), {}),
+    "attention_fn": (dict(attention_fn=sharpened_attention), (6, None), {}),
+    "dropout_rng": (dict(dropout_rate=0.5), (6, 3), dict(deterministic=False)),
+}
+
+
+@pytest.mark.parametrize("name", FLAX_OPTION_CASES.keys())
+def test_flax_options_match_flax_module(name):
+  options, (Dk, Dv), call_options = FLAX_OPTION_CASES[name]
+  N, T, S = 2, 5, 7
+  x_q = normal(0, (2, T, 8))
+  inputs = [x_q] + [normal(i, (2, S, d)) for i, d in ((1, Dk), (2, Dv)) if d is not None]
+  mask = np.random.default_rng(3).random((2, N, T, S if Dk else T)) < 0.6
+  mask[..., 0] = True  # No empty rows: flax would average them, attnjax gives zeros.
+  ours = linen.MultiHeadAttention(num_heads=N, **options)
+  theirs = nn.MultiHeadDotProductAttention(num_heads=N, broadcast_dropout=False, **options)
+  variables = random_variables(theirs, *inputs, deterministic=True)
+  assert jax.tree.map(np.shape, variables) == jax.tree.map(
+      np.shape, jax.eval_shape(functools.partial(ours.init, deterministic=True),
+                               jax.random.key(0), *inputs))
+  if options.get("normalize_qk"):
+    assert variables["params"]["query_ln"]["scale"].shape == (4,)
+  call_options = dict(call_options, mask=mask)
+  if "dropout_rate" in options:
+    call_options["dropout_rng"] = jax.random.key(4, impl="rbg")  # rbg compiles fast.
+
+  @jax.jit
+  def run(variables):
+    return (theirs.apply(variables, *inputs, **call_options),
+            ours.apply(variables, *inputs, **call_options))
+
+  expected, out = run(variables)
+  np.testing.assert_allclose(out, expected, **FLAX_TOL)
+  if name == "dropout_rng":  # Dropout did act, and the rng passed wins over the rngs.
+    deterministic = jax.jit(functools.partial(ours.apply, mask=mask, deterministic=True))(
+        variables, *inputs)
+    assert not np.allclose(out, deterministic, atol=1e-3)
+    with_rngs = ours.apply(variables, *inputs, **call_options,
+                           rngs={"dropout": jax.random.key(5, impl="rbg")})
+    np.testing.assert_allclose(with_rngs, out, **FLAX_TOL)
+  if name == "precision":  # Every einsum (projections, logits, weights times values).
+    jaxpr = str(jax.make_jaxpr(ours.apply)(variables, *inputs, mask=mask))
+    assert jaxpr.count("dot_general") == 6
+    assert jaxpr.count("precision=(Precision.HIGHEST, Precision.HIGHEST)") == 6
+
+
+def test_inputs_kv_is_inputs_k_and_inputs_v():
+  x_q, x_kv = normal(0, (2, 5, 8)), normal(1, (2, 7, 6))
+  module = linen.MultiHeadAttention(num_heads=2)
+  variables = random_variables(module, x_q, x_kv)
+  run = jax.jit(lambda v: (module.apply(v, x_q, inputs_kv=x_kv), module.apply(v, x_q, x_kv),
+                           module.apply(v, x_q, x_kv, x_kv)))
+  by_kv, by_k, by_k_and_v = run(variables)
+  np.testing.assert_array_equal(by_kv, by_k)
+  np.testing.assert_array_equal(by_kv, by_k_and_v)
+  with pytest.raises(ValueError, match="inputs_kv or inputs_k and inputs_v, not both"):
+    module.apply(variables, x_q, x_kv, inputs_kv=x_kv)
+
+
+def test_output_initialisers_are_flaxs():
+  x_q, x_kv = normal(0, (2, 3, 8)), normal(1, (2, 5, 6))
+  options = dict(num_heads=2, out_kernel_init=nn.initializers.normal(3.0),
+                 out_bias_init=nn.initializers.uniform(2.0))
+  rng = jax.random.key(0, impl="rbg")
+  ours = jax.jit(linen.MultiHeadAttention(**options).init)(rng, x_q, x_kv)["params"]
+  theirs = jax.jit(nn.MultiHeadDotProductAttention(**options).init)(rng, x_q, x_kv)["params"]
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+  default = jax.jit(linen.MultiHeadAttention(num_heads=2).init)(rng, x_q, x_kv)["params"]
+  assert np.std(ours["out"]["kernel"]) > 5 * np.std(default["out"]["kernel"])
+  assert np.all(ours["out"]["bias"] != 0) and not np.any(ours["query"]["bias"])
+  np.testing.assert_array_equal(ours["query"]["kernel"], default["query"]["kernel"])
 
 
 def test_sown_weights_are_the_attention_weights_of_the_projections():

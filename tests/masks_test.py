@@ -4,6 +4,7 @@ Masks are bool, `[..., heads, q_len, kv_len]` (heads often 1 or absent); True me
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -97,10 +98,16 @@ def test_sliding_window_mask(q_len, kv_len, window, left, right, eager_and_jit):
     assert_mask_equal(got, want)
 
 
-@pytest.mark.parametrize("window", [-1, (1, -2)])
-def test_sliding_window_mask_rejects_negative_windows(window):
-  with pytest.raises(ValueError, match="window"):
+@pytest.mark.parametrize(
+  "window, problem",
+  [(-1, "non-negative"), ((1, -2), "non-negative"), (1.5, "an int"), ((1, 2, 3), "an int")],
+)
+def test_sliding_window_mask_errors_name_its_window_argument(window, problem):
+  got = re.escape(repr(window))
+  with pytest.raises(ValueError, match=rf"^window must be {problem}.*, got {got}$"):
     attnjax.sliding_window_mask(4, 4, window)
+  with pytest.raises(ValueError, match=rf"^local_window_size must be {problem}"):
+    attnjax.dot_product_attention(*[np.ones((4, 1, 2), np.float32)] * 3, local_window_size=window)
 
 
 def test_combine_masks(eager_and_jit):

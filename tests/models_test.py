@@ -117,7 +117,8 @@ def test_invalid_configs_are_rejected():
     _config(norm="sandwich")
   with pytest.raises(ValueError, match="position"):
     _config(position="alibi")
-  with pytest.raises(ValueError, match="num_kv_heads"):
-    _config(num_kv_heads=3)
+  for bad in (3, 0):
+    with pytest.raises(ValueError, match=f"num_kv_heads must be None or .*, got {bad}"):
+      _config(num_kv_heads=bad)
   with pytest.raises(ValueError, match="arch"):
     models.make_model("encoder_only", _config())

@@ -127,27 +127,175 @@ def test_parameter_tree_is_flaxs(use_bias, Dkv, Dout):
       lambda a: (a.shape, a.dtype), expected)
 
 
-def test_init_flattens_kernels_like_flax():
+@pytest.mark.parametrize("flax_options", [{}, dict(normalize_qk=True)])
+def test_init_flattens_kernels_like_flax(flax_options):
   """With initialisers that ignore the rng, the values are flax's DenseGeneral values."""
 
-  def kernel_init(rng, shape, dtype):
+  def kernel_init(rng, shape, dtype, offset=3):
     del rng  # The value depends on the (flattened) shape only.
-    return (jnp.arange(np.prod(shape), dtype=dtype).reshape(shape) % 7 - 3) / shape[0]
+    assert len(shape) == 2, shape
+    return (jnp.arange(np.prod(shape), dtype=dtype).reshape(shape) % 7 - offset) / shape[0]
 
-  def bias_init(rng, shape, dtype):
+  def bias_init(rng, shape, dtype, end=1.0):
     del rng
-    return jnp.linspace(-1, 1, np.prod(shape), dtype=dtype).reshape(shape)
+    assert len(shape) == 1, shape
+    return jnp.linspace(-1, end, shape[0], dtype=dtype)
 
+  options = dict(kernel_init=kernel_init, bias_init=bias_init,
+                 out_kernel_init=functools.partial(kernel_init, offset=1),
+                 out_bias_init=functools.partial(bias_init, end=3.0))
   D, Dkv, N, H = 6, 5, 2, 3
   module = nn.MultiHeadDotProductAttention(num_heads=N, qkv_features=N * H, out_features=4,
-                                           kernel_init=kernel_init, bias_init=bias_init)
+                                           **options, **flax_options)
   x_q, x_kv = jnp.ones((2, D)), jnp.ones((3, Dkv))
   expected = jax.jit(module.init)(jax.random.key(0), x_q, x_kv)["params"]
   params = jax.jit(functools.partial(
       attnjax.init_multi_head_attention, in_features=D, num_heads=N, head_dim=H,
-      kv_features=Dkv, out_features=4, kernel_init=kernel_init, bias_init=bias_init))(
-          jax.random.key(1))
+      kv_features=Dkv, out_features=4, **options, **flax_options))(jax.random.key(1))
   jax.tree.map(np.testing.assert_array_equal, params, expected)
+  assert params["out"]["bias"][-1] == 3.0 and params["query"]["bias"][-1, -1] == 1.0
+
+
+FLAX_TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def sharpened_attention(query, key, value, mask=None, precision=None):
+  """A Flax-style `attention_fn`: Flax's attention at twice the logit scale."""
+  return nn.dot_product_attention(2.0 * query, key, value, mask=mask, precision=precision)
+
+
+# name: (options of both, widths of inputs_k and inputs_v, None if not passed).
+FLAX_OPTION_CASES = {
+    "normalize_qk_self": (dict(normalize_qk=True), (None, None)),
+    "normalize_qk_k_and_v": (dict(normalize_qk=True), (6, 3)),
+    "inputs_k_and_inputs_v": ({}, (6, 3)),
+    "precision": (dict(precision=jax.lax.Precision.HIGHEST), (6, None)),
+    "attention_fn": (dict(attention_fn=sharpened_attention), (6, None)),
+}
+
+
+@pytest.mark.parametrize("name", FLAX_OPTION_CASES.keys())
+def test_flax_options_match_flax(name):
+  options, (Dk, Dv) = FLAX_OPTION_CASES[name]
+  D, N, H, T, S = 8, 2, 4, 5, 7
+  inputs = [normal(0, (2, T, D))] + [normal(i, (2, S, d)) for i, d in ((1, Dk), (2, Dv)) if d]
+  mask = random_mask(3, (2, N, T, S if Dk else T))
+  module = nn.MultiHeadDotProductAttention(num_heads=N, qkv_features=N * H, **options)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+  ours = attnjax.init_multi_head_attention(
+      jax.random.key(0), D, N, H, kv_features=Dk, v_features=Dv,
+      normalize_qk=options.get("normalize_qk", False))
+  assert jax.tree.map(np.shape, ours) == jax.tree.map(np.shape, shapes)
+  leaves, tree = jax.tree.flatten(shapes)
+  params = tree.unflatten([normal(10 + i, a.shape, 0.5) for i, a in enumerate(leaves)])
+  our_options = {k: v for k, v in options.items() if k != "normalize_qk"}  # Read from params.
+
+  @jax.jit
+  def run(params):
+    return (module.apply({"params": params}, *inputs, mask=mask),
+            attnjax.multi_head_attention(params, *inputs, mask=mask, **our_options))
+
+  expected, out = run(params)
+  np.testing.assert_allclose(out, expected, **FLAX_TOL)
+
+
+def test_qk_normalisation_is_a_layer_norm_of_each_head():
+  D, N, H = 8, 2, 4
+  params = random_params(0, D, N, H, normalize_qk=True)
+  params["query_ln"]["scale"] = normal(1, (H,))
+  params["key_ln"]["scale"] = normal(2, (H,))
+  x = normal(3, (2, 5, D))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+  def layer_norm(y, scale):
+    centred = y - y.mean(-1, keepdims=True)
+    return centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-6) * scale
+
+  # Normalising the projections by hand and dropping the LayerNorm from the params.
+  q = np.einsum("...td,dnh->...tnh", x, p["query"]["kernel"]) + p["query"]["bias"]
+  k = np.einsum("...td,dnh->...tnh", x, p["key"]["kernel"]) + p["key"]["bias"]
+  q, k = layer_norm(q, p["query_ln"]["scale"]), layer_norm(k, p["key_ln"]["scale"])
+  logits = np.einsum("...tnh,...snh->...nts", q, k) / np.sqrt(H)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  v = np.einsum("...td,dnh->...tnh", x, p["value"]["kernel"]) + p["value"]["bias"]
+  heads = np.einsum("...nts,...snh->...tnh", weights, v)
+  expected = np.einsum("...tnh,nhd->...td", heads, p["out"]["kernel"]) + p["out"]["bias"]
+  np.testing.assert_allclose(jax.jit(attnjax.multi_head_attention)(params, x), expected,
+                             **F32_TOL)
+  del params["key_ln"]
+  with pytest.raises(ValueError, match="both .*query_ln.*key_ln"):
+    attnjax.multi_head_attention(params, x)
+
+
+ATTENTION_OPTIONS = {"bias", "mask", "is_causal", "local_window_size", "q_segment_ids",
+                     "kv_segment_ids", "logits_soft_cap", "dropout_rate", "dropout_rng",
+                     "return_weights", "implementation", "precision"}
+
+
+def test_attention_fn_gets_the_documented_arguments():
+  params = random_params(0, 8, 4, 2, num_kv_heads=2, kv_features=6)
+  x_q, x_kv = normal(1, (2, 5, 8)), normal(2, (2, 7, 6))
+  calls = []
+
+  def recording(query, key, value, **options):
+    calls.append((query.shape, key.shape, value.shape, options))
+    return attnjax.dot_product_attention(query, key, value, **options)
+
+  mask = random_mask(3, (2, 1, 5, 7))
+  options = dict(mask=mask, local_window_size=(2, 1), precision="highest")
+  out = attnjax.multi_head_attention(params, x_q, x_kv, attention_fn=recording, **options)
+  np.testing.assert_allclose(out, attnjax.multi_head_attention(params, x_q, x_kv, **options),
+                             **F32_TOL)
+  (q_shape, k_shape, v_shape, got), = calls
+  assert (q_shape, k_shape, v_shape) == ((2, 5, 4, 2), (2, 7, 2, 2), (2, 7, 2, 2))
+  assert set(got) == ATTENTION_OPTIONS
+  assert got["mask"] is mask and got["local_window_size"] == (2, 1)
+  assert got["precision"] == "highest" and got["is_causal"] is False
+
+  # Decoding: the cache's keys and values, its causal visibility folded into the mask.
+  params = random_params(0, 8, 4, 2, num_kv_heads=2)
+  cache = attnjax.init_kv_cache((2,), 6, 2, 2)
+  attnjax.multi_head_attention(params, x_q[:, :2], cache=cache, attention_fn=recording,
+                               return_weights=True)
+  _, k_shape, _, got = calls[-1]
+  assert k_shape == (2, 6, 2, 2) and got["is_causal"] is False and got["return_weights"]
+  np.testing.assert_array_equal(got["mask"], np.tri(2, 6, dtype=bool))
+
+
+def test_attention_fn_gets_only_the_options_it_names_and_must_take_those_in_use():
+  params = random_params(0, 8, 2, 4)
+  x = normal(1, (2, 5, 8))
+  mask = random_mask(2, (2, 2, 5, 5))
+  received = []
+
+  def flax_style(query, key, value, mask=None, dropout_rng=None, dropout_rate=0.0):
+    received.append((mask, dropout_rng, dropout_rate))
+    return nn.dot_product_attention(query, key, value, mask=mask)
+
+  out = attnjax.multi_head_attention(params, x, mask=mask, attention_fn=flax_style)
+  assert received == [(mask, None, 0.0)]
+  np.testing.assert_allclose(out, attnjax.multi_head_attention(params, x, mask=mask),
+                             **F32_TOL)
+  for option, shown in ((dict(is_causal=True), "is_causal, which is True"),
+                        (dict(bias=np.zeros((5, 5), np.float32)),
+                         r"bias, which is an array of shape \(5, 5\)"),
+                        (dict(return_weights=True), "return_weights")):
+    with pytest.raises(TypeError, match=f"'flax_style' does not take {shown}"):
+      attnjax.multi_head_attention(params, x, attention_fn=flax_style, **option)
+
+
+def test_input_argument_errors():
+  params = random_params(0, 8, 2, 4)
+  x, y = jnp.ones((2, 5, 8)), jnp.ones((2, 3, 8))
+  with pytest.raises(ValueError, match="inputs_kv or inputs_k and inputs_v, not both"):
+    attnjax.multi_head_attention(params, x, y, inputs_kv=y)
+  with pytest.raises(ValueError, match="inputs_v needs inputs_k"):
+    attnjax.multi_head_attention(params, x, inputs_v=y)
+  with pytest.raises(ValueError, match=r"same batch dims and length.*\(2, 3, 8\) and \(2, 4, 8\)"):
+    attnjax.multi_head_attention(params, x, y, jnp.ones((2, 4, 8)))
+  with pytest.raises(ValueError, match="self-attention"):
+    attnjax.multi_head_attention(params, x, inputs_kv=x, cache=attnjax.init_kv_cache((2,), 6, 2, 4))
 
 
 @pytest.mark.parametrize("num_kv_heads", [2, 1])
@@ -176,8 +324,12 @@ def test_head_count_checks_and_bad_widths_raise():
     attnjax.multi_head_attention(params, x, num_heads=2)
   with pytest.raises(ValueError, match="num_kv_heads=4"):
     attnjax.multi_head_attention(params, x, num_kv_heads=4)
-  with pytest.raises(ValueError, match="inputs_kv"):
+  with pytest.raises(ValueError, match="inputs_k must have shape"):
     attnjax.multi_head_attention(params, x, jnp.ones((3, 5)))
+  with pytest.raises(ValueError, match="inputs_kv must have shape"):
+    attnjax.multi_head_attention(params, x, inputs_kv=jnp.ones((3, 5)))
+  with pytest.raises(ValueError, match="inputs_v must have shape"):
+    attnjax.multi_head_attention(params, x, x, jnp.ones((3, 5)))
   with pytest.raises(ValueError, match="inputs_q"):
     attnjax.multi_head_attention(params, jnp.ones((3, 7)))
   with pytest.raises(ValueError, match="num_kv_heads"):

@@ -7,6 +7,7 @@ from NumPy (eager `jax.random` compiles once per shape) and modules run under `n
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,6 +104,86 @@ def test_same_params_and_outputs_as_linen_and_flax(name):
                nnx.to_pure_dict(nnx.state(ours, nnx.Param)))
   if name == "self":  # Eagerly too.
     np.testing.assert_allclose(ours(x_q), out, **F32_TOL)
+
+
+FLAX_TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def sharpened_attention(query, key, value, mask=None, precision=None, **unused):
+  """An `attention_fn` for Flax's NNX module (which passes it every option): Flax's attention
+  at twice the logit scale."""
+  del unused
+  return nn.dot_product_attention(2.0 * query, key, value, mask=mask, precision=precision)
+
+
+# name: (module options for both, cross-attention inputs: None, "k" or "k_and_v").
+FLAX_OPTION_CASES = {
+    "normalize_qk": (dict(normalize_qk=True), None),
+    "normalize_qk_gqa_cross": (dict(normalize_qk=True, num_kv_heads=2), "k"),
+    "inputs_k_and_inputs_v": ({}, "k_and_v"),
+    "precision": (dict(precision=jax.lax.Precision.HIGHEST), "k_and_v"),
+    "attention_fn": (dict(attention_fn=sharpened_attention), "k"),
+    "dropout_keep_rngs_false": (dict(dropout_rate=0.5, keep_rngs=False), "k_and_v"),
+}
+
+
+DROPOUT_KEY = jax.random.key(4, impl="rbg")  # rbg compiles faster than threefry.
+
+
+@pytest.mark.parametrize("name", FLAX_OPTION_CASES.keys())
+def test_flax_options_match_flax_module(name):
+  options, cross = FLAX_OPTION_CASES[name]
+  D, Dkv, N, T, S = 8, 6, 4, 5, 7
+  x_q = normal(0, (2, T, D))
+  inputs = [x_q]
+  if cross:
+    inputs += [normal(1, (2, S, Dkv))] + ([normal(2, (2, S, Dkv))] if cross == "k_and_v" else [])
+  mask = visible_first_key(normal(3, (2, N, T, S if cross else T)) > 0)
+  kv_features = Dkv if cross else None
+  ours, _ = random_module(lambda: attn_nnx.MultiHeadAttention(
+      D, N, kv_features=kv_features, **options, rngs=nnx.Rngs(0)))
+  theirs = nnx.eval_shape(lambda: nnx.MultiHeadAttention(
+      N, D, in_kv_features=kv_features, decode=False, broadcast_dropout=False, **options,
+      rngs=nnx.Rngs(1)))
+  assert jax.tree.map(np.shape, nnx.to_pure_dict(nnx.state(ours, nnx.Param))) == jax.tree.map(
+      np.shape, nnx.to_pure_dict(nnx.state(theirs, nnx.Param)))
+  nnx.update(theirs, nnx.state(ours, nnx.Param))
+  dropout = "dropout_rate" in options
+
+  @nnx.jit
+  def run(ours, theirs):
+    # A fresh stream of the same seed for each module: the same dropout key.
+    kwargs = dict(mask=mask, deterministic=False) if dropout else dict(mask=mask)
+    rngs = (lambda: dict(rngs=nnx.Rngs(dropout=DROPOUT_KEY))) if dropout else dict
+    return theirs(*inputs, **kwargs, **rngs()), ours(*inputs, **kwargs, **rngs())
+
+  expected, out = run(ours, theirs)
+  np.testing.assert_allclose(out, expected, **FLAX_TOL)
+  if dropout:
+    stream = nnx.Rngs(dropout=DROPOUT_KEY)["dropout"]  # A stream alone does too.
+    np.testing.assert_allclose(ours(*inputs, mask=mask, deterministic=False, rngs=stream), out,
+                               **FLAX_TOL)
+    assert not np.allclose(ours(*inputs, mask=mask, deterministic=True), out, atol=1e-3)
+    with pytest.raises(ValueError, match="keep_rngs=False"):
+      ours(*inputs, mask=mask, deterministic=False)
+  if name == "precision":  # Every einsum (projections, logits, weights times values).
+    jaxpr = str(jax.make_jaxpr(lambda *x: ours(*x, mask=mask))(*inputs))
+    assert jaxpr.count("dot_general") == 6
+    assert jaxpr.count("precision=(Precision.HIGHEST, Precision.HIGHEST)") == 6
+
+
+def test_initial_parameters_are_flaxs_with_qk_norm_and_output_initialisers():
+  options = dict(normalize_qk=True, out_kernel_init=nnx.initializers.normal(3.0),
+                 out_bias_init=nnx.initializers.uniform(2.0))
+  ours = attn_nnx.MultiHeadAttention(8, 2, kv_features=6, **options, rngs=nnx.Rngs(0))
+  theirs = nnx.MultiHeadAttention(2, 8, in_kv_features=6, decode=False, **options,
+                                  rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(ours, nnx.Param))
+  jax.tree.map(np.testing.assert_array_equal, params,
+               nnx.to_pure_dict(nnx.state(theirs, nnx.Param)))
+  assert np.std(params["out"]["kernel"]) > 1.0 and np.all(params["out"]["bias"] != 0)
+  np.testing.assert_array_equal(params["query_ln"]["scale"], np.ones(4))
+  jax.tree.map(np.testing.assert_array_equal, ours.params_dict(), params)
 
 
 def test_sow_weights_records_an_intermediate():

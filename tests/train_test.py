@@ -166,8 +166,12 @@ def test_unknown_or_mistyped_config_keys_are_errors():
     return values.config
 
   assert parse("--config.model.num_layers=3").model.num_layers == 3
+  # Optional fields are typed placeholders: None by default, settable from the command line.
+  assert parse("--config.model.num_layers=3").model.num_kv_heads is None
+  assert parse("--config.model.num_kv_heads=2").model.num_kv_heads == 2
+  assert parse("--config.model.implementation=blockwise").model.implementation == "blockwise"
   for bad in ("--config.model.num_layer=3", "--config.modle.num_layers=3",
-              "--config.train.batch_size=big"):
+              "--config.train.batch_size=big", "--config.model.num_kv_heads=two"):
     with pytest.raises((AttributeError, KeyError, flags.Error)):
       parse(bad)
 

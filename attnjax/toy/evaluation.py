@@ -101,7 +101,7 @@ def summarize(sums: dict[str, Any], prefix: str) -> dict[str, float]:
 
 
 def evaluate_bucket(exp: Experiment, params, *, task: tasks.Task,
-                    stream: int) -> dict[str, jax.Array]:
+                    stream: int) -> dict[str, Any]:
   """Teacher-forced sums and greedy exact match on held-out sequences (jit this).
 
   Args:
@@ -139,7 +139,7 @@ def evaluate(exp: Experiment, params) -> dict[str, Any]:
   seen_rows = None
   for i, (name, task) in enumerate(buckets(exp.task, cfg.eval.length_multipliers)):
     out = jax.device_get(exp.evaluate_bucket(params, task=task, stream=i))
-    row = {"min_length": task.min_length, "max_length": task.max_length,
+    row: dict[str, Any] = {"min_length": task.min_length, "max_length": task.max_length,
            "num_sequences": int(out["exact"].size), **summarize_bucket(out)}
     row.pop("teacher_forced_exact_match")
     if cfg.eval.check_overlap and task.min_length <= exp.task.max_length:

@@ -24,6 +24,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Literal, get_args
 
 import flax.linen as nn
 import jax
@@ -32,10 +33,14 @@ from jax import Array
 
 from attnjax import linen as attn_linen
 from attnjax import positional
+from attnjax.attention import Implementation
 from attnjax.toy.tasks import PAD
 
-POSITIONS = ("sinusoidal", "rotary", "none")
-NORMS = ("pre", "post")
+Position = Literal["sinusoidal", "rotary", "none"]
+Norm = Literal["pre", "post"]
+Arch = Literal["encoder_decoder", "decoder_only"]
+POSITIONS: tuple[Position, ...] = get_args(Position)
+NORMS: tuple[Norm, ...] = get_args(Norm)
 KERNEL_INITS = {
     "lecun_normal": nn.initializers.lecun_normal(),
     "xavier_uniform": nn.initializers.xavier_uniform(),
@@ -51,7 +56,7 @@ class TransformerConfig:
     num_layers: layers per stack (the encoder and the decoder have this many each).
     d_model: D, the residual width.
     num_heads: N.
-    num_kv_heads: K key/value heads (grouped-query attention); 0 means N.
+    num_kv_heads: K key/value heads (grouped-query attention); None means N.
     mlp_dim: hidden width of the position-wise MLP.
     dropout_rate: dropout on the embeddings and on each sublayer's output.
     attention_dropout_rate: dropout on the attention probabilities.
@@ -69,15 +74,15 @@ class TransformerConfig:
   num_layers: int = 2
   d_model: int = 64
   num_heads: int = 4
-  num_kv_heads: int = 0
+  num_kv_heads: int | None = None
   mlp_dim: int = 256
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  norm: str = "pre"
-  position: str = "sinusoidal"
+  norm: Norm = "pre"
+  position: Position = "sinusoidal"
   tie_embeddings: bool = True
   kernel_init: str = "lecun_normal"
-  implementation: str | None = None
+  implementation: Implementation | None = None
   decode: bool = False
 
   def __post_init__(self):
@@ -90,9 +95,10 @@ class TransformerConfig:
                        f"{self.kernel_init!r}")
     if self.d_model % self.num_heads:
       raise ValueError(f"d_model={self.d_model} is not a multiple of num_heads={self.num_heads}")
-    if self.num_kv_heads and self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
-                       f"num_kv_heads={self.num_kv_heads}")
+    if self.num_kv_heads is not None and (self.num_kv_heads < 1
+                                          or self.num_heads % self.num_kv_heads):
+      raise ValueError(f"num_kv_heads must be None or a positive divisor of num_heads="
+                       f"{self.num_heads}, got {self.num_kv_heads}")
 
 
 class Embed(nn.Module):
@@ -182,7 +188,7 @@ class Block(nn.Module):
     def attention(name, decode, rotary):
       return attn_linen.MultiHeadAttention(
           num_heads=cfg.num_heads,
-          num_kv_heads=cfg.num_kv_heads or None,
+          num_kv_heads=cfg.num_kv_heads,
           dropout_rate=cfg.attention_dropout_rate,
           kernel_init=KERNEL_INITS[cfg.kernel_init],
           implementation=cfg.implementation,
@@ -295,19 +301,21 @@ class DecoderOnly(nn.Module):
     return _output_logits(self, self.embed, y)
 
 
-ARCHITECTURES = {"encoder_decoder": EncoderDecoder, "decoder_only": DecoderOnly}
+ARCHITECTURES: dict[Arch, type[nn.Module]] = {"encoder_decoder": EncoderDecoder,
+                                              "decoder_only": DecoderOnly}
 
 
-def make_model(arch: str, config: TransformerConfig) -> nn.Module:
+def make_model(arch: Arch, config: TransformerConfig) -> nn.Module:
   """The module for ``arch`` (``"encoder_decoder"`` or ``"decoder_only"``)."""
   if arch not in ARCHITECTURES:
     raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
   return ARCHITECTURES[arch](config)
 
 
-def apply_model(model: nn.Module, variables, example: dict[str, Array], **kwargs) -> Array:
+def apply_model(model: nn.Module, variables, example: dict[str, Array], **kwargs) -> Any:
   """Logits for an example from :func:`attnjax.toy.tasks.encoder_decoder_example` or
-  :func:`attnjax.toy.tasks.decoder_only_example`."""
+  :func:`attnjax.toy.tasks.decoder_only_example`; with ``mutable=...`` among ``kwargs``,
+  the pair ``(logits, mutated variables)`` of ``model.apply``."""
   if isinstance(model, EncoderDecoder):
     return model.apply(variables, example["inputs"], example["decoder_inputs"], **kwargs)
   return model.apply(variables, example["decoder_inputs"], **kwargs)

@@ -189,7 +189,7 @@ def make_model(config: ml_collections.ConfigDict, task: tasks.Task) -> nn.Module
       num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, mlp_dim=c.mlp_dim,
       dropout_rate=c.dropout_rate, attention_dropout_rate=c.attention_dropout_rate,
       norm=c.norm, position=c.position, tie_embeddings=c.tie_embeddings,
-      kernel_init=c.kernel_init, implementation=c.implementation or None))
+      kernel_init=c.kernel_init, implementation=c.implementation))
 
 
 def make_format(model: nn.Module):
@@ -269,7 +269,7 @@ class Experiment:
         functools.partial(evaluation.evaluate_bucket, self), static_argnames=("task", "stream"),
         out_shardings=self.replicated)
 
-  def sample_train_batch(self, step: jax.Array) -> dict[str, jax.Array]:
+  def sample_train_batch(self, step: int | jax.Array) -> dict[str, jax.Array]:
     """The training batch of ``step`` (sharded over ``data`` inside jit)."""
     batch = self.task.sample(jax.random.fold_in(self.train_key, step),
                              self.config.train.batch_size)
@@ -539,7 +539,7 @@ class _MetricsLog:
   def __init__(self, path: str, records: list[dict[str, Any]]):
     self.path = path
     self.records = list(records)
-    self.file = None
+    self.file: Any = None
     self._rewrite()
 
   def _rewrite(self) -> None:
@@ -647,7 +647,7 @@ def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict, exp: Exper
     with open(history_path, "a") as f:
       f.write(json.dumps(entry) + "\n")
   _write_atomic(config_path, config.to_json(indent=2))
-  return state, latest
+  return state, latest  # type: ignore[return-value]
 
 
 def _train_and_evaluate(config, workdir, exp, manager, state, latest, start_time):
