@@ -83,7 +83,8 @@ class MultiHeadAttention(nn.Module):
     deterministic: disables dropout; may also be given at call time.
     dtype: computation dtype; defaults to the promotion of inputs and parameters.
     param_dtype: parameter dtype.
-    kernel_init, bias_init: initialisers, as Flax's ``DenseGeneral``.
+    kernel_init: initialiser of the kernels, as Flax's ``DenseGeneral``.
+    bias_init: initialiser of the biases.
     logits_soft_cap: soft cap of the logits, ``cap * tanh(logits / cap)``.
     rotary: apply rotary position embeddings to queries and keys.
     rotary_max_timescale: RoPE base.

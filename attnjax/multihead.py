@@ -240,7 +240,8 @@ def multi_head_attention(
     inputs_kv: ``[..., S, Dkv]``, keys' and values' inputs at once; the older spelling of
       ``inputs_k`` (with ``inputs_v=None``), not to be combined with them.
     num_heads, num_kv_heads: optional checks of N and K; both are read from ``params``.
-    mask, bias, is_causal, local_window_size, q_segment_ids, kv_segment_ids,
+    mask, bias, is_causal, local_window_size, q_segment_ids, kv_segment_ids: as in
+      :func:`attnjax.dot_product_attention`.
     logits_soft_cap, dropout_rate, dropout_rng, implementation: as in
       :func:`attnjax.dot_product_attention`.
     rotary: apply rotary position embeddings ("half" layout) to queries and keys.

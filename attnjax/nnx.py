@@ -69,8 +69,10 @@ class MultiHeadAttention(nnx.Module):
     head_dim: H; defaults to ``in_features // num_heads``.
     kv_features: width of the key/value inputs; defaults to ``in_features``.
     out_features: output width; defaults to ``in_features``.
-    use_bias, dropout_rate, deterministic, dtype, param_dtype, kernel_init, bias_init,
-    logits_soft_cap, rotary, rotary_max_timescale, decode, implementation,
+    use_bias, dropout_rate, deterministic, dtype, param_dtype, kernel_init, bias_init: as in
+      :class:`attnjax.linen.MultiHeadAttention`.
+    logits_soft_cap, rotary, rotary_max_timescale, decode, implementation: as in
+      :class:`attnjax.linen.MultiHeadAttention`.
     out_kernel_init, out_bias_init, normalize_qk, precision, attention_fn: as in
       :class:`attnjax.linen.MultiHeadAttention`.
     rngs: ``nnx.Rngs`` for the parameters and, with dropout, the ``"dropout"`` stream.

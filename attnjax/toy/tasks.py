@@ -1,6 +1,6 @@
 """Toy sequence-to-sequence tasks, generated on device from a PRNG key.
 
-Token layout (the one place it is defined; every other module imports these names):
+Token layout (the one place it is defined; every other module imports these names)::
 
   ``PAD = 0``  padding, never predicted, ignored by losses and metrics.
   ``BOS = 1``  begin: first token of every decoder input and of every decoder-only sequence.
@@ -13,13 +13,13 @@ The ``annotated_copy`` task reproduces the Annotated Transformer's data instead:
 ``1..num_symbols`` (``vocab_size = num_symbols + 1``), ``PAD = 0``, every sequence starts
 with the start symbol ``1 == BOS`` (which is also an ordinary symbol), and targets carry no EOS.
 
-Batches are dicts of int32 arrays (B batch, S input length, T target length):
+Batches are dicts of int32 arrays (B batch, S input length, T target length)::
 
   ``inputs``  ``[B, S]``: the source tokens, right-padded with PAD (no BOS/SEP/EOS).
   ``targets`` ``[B, T]``: the target tokens then EOS, right-padded with PAD.
 
 Every task has one size knob, its *length* n, drawn uniformly per example from
-``[min_length, max_length]`` so that a batch mixes lengths:
+``[min_length, max_length]`` so that a batch mixes lengths::
 
   ``copy``                input x (n symbols), target x.
   ``reverse``             input x, target x reversed.
