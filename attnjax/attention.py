@@ -254,12 +254,12 @@ def _dense(c: _Canonical, dropout_rate: float, dropout_rng: Array | None):
   """Dense attention on canonical inputs: (out [B,T,N,H], weights [B,N,T,S], lse [B,N,T])."""
   probs, lse = _probabilities(c)
   B, T, N, H = c.q.shape
-  K = c.k.shape[2]
+  S, K = c.k.shape[1], c.k.shape[2]
   p = probs
   if dropout_rate > 0.0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
     p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
-  p_BKGTS = p.reshape(B, K, N // K, T, -1)
+  p_BKGTS = p.reshape(B, K, N // K, T, S)
   out = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, c.v.astype(jnp.float32))
   return out.reshape(B, T, N, H).astype(c.q.dtype), probs, lse
 
@@ -380,7 +380,7 @@ def _flatten_batch(name: str, x: Array, logits_shape: tuple[int, ...], n_batch: 
   if all(d == 1 for d in lead):
     return x.reshape((1,) + tail)
   x = jnp.broadcast_to(x, logits_shape[:n_batch] + tail)
-  return x.reshape((-1,) + tail)
+  return x.reshape((math.prod(logits_shape[:n_batch]),) + tail)
 
 
 def _segment_ids(name: str, ids: ArrayLike, shape: tuple[int, ...]) -> Array:
@@ -389,4 +389,4 @@ def _segment_ids(name: str, ids: ArrayLike, shape: tuple[int, ...]) -> Array:
     raise TypeError(f"{name} must be integers, got dtype {ids.dtype}")
   if ids.shape != shape:
     raise ValueError(f"{name} must have shape [..., length] = {shape}, got {ids.shape}")
-  return ids.reshape(-1, shape[-1]).astype(jnp.int32)
+  return ids.reshape(math.prod(shape[:-1]), shape[-1]).astype(jnp.int32)

@@ -123,7 +123,7 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: 
   # A block longer than the padded length would only add padding.
   bq = min(block_q or default_q, _next_pow2(T))
   bk = min(block_k or default_k, _next_pow2(S))
-  if T == 0 or S == 0:
+  if 0 in (B, T, N, S):
     return jnp.zeros(q.shape, q.dtype), jnp.full((B, N, T), -jnp.inf, jnp.float32)
   scale = float(scale)
   # Scaling each query block as it is cut out is cheaper than scaling every block of logits; in

@@ -252,6 +252,45 @@ def test_gradient_support_is_the_visible_set(seed, heads, kv_len, is_causal, loc
   np.testing.assert_array_equal(reads, np.arange(N)[:, None] // (N // K) == np.arange(K))
 
 
+@pytest.mark.parametrize("implementation", ["xla", "blockwise", None])
+@pytest.mark.parametrize(
+  "batch, T, S",
+  [((0,), 4, 6), ((2, 0), 3, 5), ((2,), 0, 6), ((2,), 4, 0)],
+  ids=["empty_batch", "empty_second_batch_dim", "no_queries", "no_keys"],
+)
+def test_empty_batch_or_length_gives_empty_results_and_gradients(
+  implementation, batch, T, S, eager_and_jit
+):
+  """Size-0 batch, query or key dims give size-0 (or zero, lse -inf) results and gradients."""
+  arrays, options = make_case(
+    batch=batch, T=T, S=S, N=4, K=2, bias_shape=batch + (1, T, S), mask_shape=batch + (4, T, S),
+    is_causal=True, local_window_size=(2, 1),
+  )
+  arrays["q_segment_ids"] = np.zeros(batch + (T,), np.int32)
+  arrays["kv_segment_ids"] = np.zeros(batch + (S,), np.int32)
+  want_out, want_weights, want_lse = naive_attention(**arrays, **options)
+  if implementation == "xla":
+    weights = attnjax.attention_weights(**without_value(arrays), **options)
+    np.testing.assert_array_equal(weights, want_weights)
+  options.update(implementation=implementation, return_lse=True)
+
+  floats = {name: arrays[name] for name in ("query", "key", "value", "bias")}
+
+  def loss(floats):
+    out, lse = attnjax.dot_product_attention(**{**arrays, **floats}, **options)
+    return jnp.sum(out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+  for grad_fn in (jax.grad(loss), jax.jit(jax.grad(loss))):
+    grads = grad_fn(floats)
+    for name, x in floats.items():
+      assert grads[name].shape == x.shape, name
+      np.testing.assert_array_equal(grads[name], 0.0)
+  for out, lse in eager_and_jit(attnjax.dot_product_attention, arrays, **options):
+    assert out.shape == want_out.shape and lse.shape == want_lse.shape
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_array_equal(lse, want_lse)
+
+
 def test_empty_rows_give_zeros_and_zero_finite_gradients():
   arrays, _ = make_case(3, T=4, S=5, mask_shape=(2, 2, 4, 5), bias_shape=(2, 2, 4, 5))
   mask = arrays["mask"]
