@@ -106,9 +106,11 @@ def dot_product_attention(
       ``return_weights``, a static ``scale``); ``None`` picks the fastest implementation that
       supports the arguments: ``"xla"`` when weights, dropout or a traced scale are asked for
       or the keys are short (S < 128 on CPU, S < 1024 elsewhere), else ``"blockwise"``.
+      Under shape-polymorphic ``jax.export``, every implementation takes symbolic batch dims;
+      symbolic lengths T or S need ``"xla"`` (which ``None`` then picks).
     block_sizes: ``(block_q, block_k)`` for ``"blockwise"``'s forward pass (its backward pass
       uses ``min(block_q, block_k)`` queries per block); defaults from
-      :func:`attnjax.blockwise.default_block_sizes`.
+      :func:`attnjax.blockwise.default_block_sizes`, where a symbolic batch size counts as 1.
 
   Returns:
     ``out [..., T, N, H]`` in the input dtype; with ``return_weights`` and/or ``return_lse``
@@ -246,6 +248,8 @@ def _choose_implementation(c: _Canonical, dropout_rate: float, return_weights: b
   """
   if return_weights or dropout_rate > 0.0 or isinstance(c.scale, jax.core.Tracer):
     return "xla"
+  if any(jax.export.is_symbolic_dim(n) for n in (c.q.shape[1], c.k.shape[1])):
+    return "xla"  # Blocks are planned for static lengths.
   min_kv_len = 128 if jax.default_backend() == "cpu" else 1024
   return "blockwise" if c.k.shape[1] >= min_kv_len else "xla"
 
@@ -369,7 +373,7 @@ def _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_
 def _flatten_batch(name: str, x: Array, logits_shape: tuple[int, ...], n_batch: int) -> Array:
   """Checks that ``x`` broadcasts to the logits and returns it as rank 4 [B|1, N|1, T|1, S|1]."""
   try:
-    broadcasts = np.broadcast_shapes(x.shape, logits_shape) == logits_shape
+    broadcasts = jnp.broadcast_shapes(x.shape, logits_shape) == logits_shape
   except ValueError:
     broadcasts = False
   if not broadcasts:

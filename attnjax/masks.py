@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
@@ -129,7 +130,7 @@ def combine_masks(*masks: ArrayLike | None) -> Array | None:
   if not masks:
     return None
   try:
-    np.broadcast_shapes(*(m.shape for m in masks))
+    jnp.broadcast_shapes(*(m.shape for m in masks))
   except ValueError:
     shapes = ", ".join(str(m.shape) for m in masks)
     raise ValueError(f"combine_masks: masks do not broadcast together, got shapes "
@@ -156,6 +157,8 @@ def _as_bool(name: str, mask: ArrayLike) -> Array:
 
 
 def _check_length(name: str, n: int) -> None:
+  if jax.export.is_symbolic_dim(n):  # A length left symbolic by shape-polymorphic export.
+    return
   if not isinstance(n, (int, np.integer)) or n < 0:
     raise ValueError(f"{name} must be a non-negative int, got {n!r}")
 

@@ -291,6 +291,60 @@ def test_empty_batch_or_length_gives_empty_results_and_gradients(
     np.testing.assert_array_equal(lse, want_lse)
 
 
+@pytest.mark.parametrize(
+  "implementation, block_sizes",
+  [("xla", None), ("blockwise", None), ("blockwise", (64, 32)), (None, None)],
+)
+def test_export_with_symbolic_batch_matches_direct_call(implementation, block_sizes):
+  T = S = 160  # The default implementation is blockwise from 128 keys on CPU.
+  (b,) = jax.export.symbolic_shape("b")
+
+  def attend(query, key, value, bias, mask, q_segment_ids, kv_segment_ids):
+    return attnjax.dot_product_attention(
+      query, key, value, bias, mask, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, is_causal=True, local_window_size=(100, 0),
+      return_lse=True, implementation=implementation, block_sizes=block_sizes,
+    )
+
+  specs = [
+    jax.ShapeDtypeStruct(shape, dtype)
+    for shape, dtype in [
+      ((b, T, 4, 16), jnp.float32), ((b, S, 2, 16), jnp.float32), ((b, S, 2, 16), jnp.float32),
+      ((b, 1, T, S), jnp.float32), ((b, 4, 1, S), jnp.bool_), ((b, T), jnp.int32),
+      ((b, S), jnp.int32),
+    ]
+  ]
+  exported = jax.export.export(jax.jit(attend))(*specs)
+  for batch in (1, 3):
+    arrays, _ = make_case(
+      batch, batch=(batch,), T=T, S=S, N=4, K=2, H=16, bias_shape=(batch, 1, T, S),
+      mask_shape=(batch, 4, 1, S), mask_first_key=True, segments=True,
+    )
+    args = [arrays[name] for name in (
+      "query", "key", "value", "bias", "mask", "q_segment_ids", "kv_segment_ids")]
+    for got, want in zip(exported.call(*args), attend(*args), strict=True):
+      assert got.shape == want.shape
+      np.testing.assert_allclose(got, want, **F32_TOL)
+
+
+def test_export_with_symbolic_lengths_needs_xla():
+  b, t = jax.export.symbolic_shape("b, t")
+  spec = jax.ShapeDtypeStruct((b, t, 2, 4), jnp.float32)
+  for implementation in ("xla", None):
+    attend = functools.partial(
+      attnjax.dot_product_attention, is_causal=True, local_window_size=3,
+      implementation=implementation,
+    )
+    exported = jax.export.export(jax.jit(attend))(spec, spec, spec)
+    for batch, T in ((1, 5), (2, 130)):
+      arrays, _ = make_case(T, batch=(batch,), T=T, S=T)
+      args = arrays["query"], arrays["key"], arrays["value"]
+      np.testing.assert_allclose(exported.call(*args), attend(*args), **F32_TOL)
+  blockwise = functools.partial(attnjax.dot_product_attention, implementation="blockwise")
+  with pytest.raises(ValueError, match="static query length T, got the symbolic t"):
+    jax.export.export(jax.jit(blockwise))(spec, spec, spec)
+
+
 def test_empty_rows_give_zeros_and_zero_finite_gradients():
   arrays, _ = make_case(3, T=4, S=5, mask_shape=(2, 2, 4, 5), bias_shape=(2, 2, 4, 5))
   mask = arrays["mask"]
