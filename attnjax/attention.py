@@ -119,10 +119,12 @@ def dot_product_attention(
 
   Raises:
     ValueError, TypeError: at trace time, for inputs of the wrong rank, shape or dtype, naming
-      the argument and what it got.
+      the argument and what it got; ValueError for a traced ``is_causal``,
+      ``local_window_size``, ``logits_soft_cap`` or ``dropout_rate`` (they must be static).
   """
   c = _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_size,
                     q_segment_ids, kv_segment_ids, logits_soft_cap)
+  _check_static("dropout_rate", dropout_rate, "float")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
   if dropout_rate > 0.0 and dropout_rng is None:
@@ -354,6 +356,8 @@ def _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_
     q_segment_ids = _segment_ids("q_segment_ids", q_segment_ids, batch + (T,))
     kv_segment_ids = _segment_ids("kv_segment_ids", kv_segment_ids, batch + (S,))
 
+  _check_static("is_causal", is_causal, "bool")
+  _check_static("logits_soft_cap", logits_soft_cap, "float")
   window = None
   if local_window_size is not None:
     window = masks_lib.canonical_window(local_window_size)
@@ -368,6 +372,12 @@ def _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_
       bias=bias, mask=mask, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       batch_shape=batch, scale=scale, is_causal=bool(is_causal), window=window,
       logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
+
+
+def _check_static(name: str, value: Any, kind: str) -> None:
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{name} must be static (a Python {kind}), got a traced value {value}; "
+                     f"pass it outside jit or as a static argument")
 
 
 def _flatten_batch(name: str, x: Array, logits_shape: tuple[int, ...], n_batch: int) -> Array:

@@ -139,8 +139,23 @@ def combine_masks(*masks: ArrayLike | None) -> Array | None:
 
 
 def canonical_window(window: int | tuple[int, int]) -> tuple[int, int]:
-  """``window`` as a ``(left, right)`` pair of non-negative Python ints."""
-  pair = (window, window) if isinstance(window, (int, np.integer)) else tuple(window)
+  """``window`` as a ``(left, right)`` pair of non-negative Python ints.
+
+  Concrete integer scalars (NumPy or JAX) are accepted; traced ones are refused.
+  """
+  if isinstance(window, jax.core.Tracer) or (
+      isinstance(window, (tuple, list)) and any(isinstance(w, jax.core.Tracer) for w in window)):
+    raise ValueError(f"local_window_size must be static (Python ints), got a traced value "
+                     f"{window!r}; pass it outside jit or as a static argument")
+
+  def as_int(w):  # A concrete integer array scalar as an int; anything else as it is.
+    integer_scalar = (isinstance(w, (np.ndarray, jax.Array)) and w.ndim == 0
+                      and jnp.issubdtype(w.dtype, jnp.integer))
+    return int(w) if integer_scalar else w
+
+  scalar = isinstance(window, (int, float, np.number)) or getattr(window, "ndim", None) == 0
+  pair = (window, window) if scalar else tuple(window)
+  pair = tuple(as_int(w) for w in pair)
   if len(pair) != 2 or not all(isinstance(w, (int, np.integer)) for w in pair):
     raise ValueError(f"local_window_size must be an int or a (left, right) pair of ints, "
                      f"got {window!r}")

@@ -744,6 +744,39 @@ def test_bad_input_raises_at_trace_time_naming_the_argument(overrides, options, 
   assert not got or any(text in message for text in got), message
 
 
+TRACED_OPTIONS = {  # name: (options given the traced value, a value).
+  "dropout_rate": (lambda x: dict(dropout_rate=x, dropout_rng=jax.random.key(0)), 0.1),
+  "logits_soft_cap": (lambda x: dict(logits_soft_cap=x), 2.0),
+  "is_causal": (lambda x: dict(is_causal=x), True),
+  "local_window_size": (lambda x: dict(local_window_size=x), 1),
+  "local_window_size_pair": (lambda x: dict(local_window_size=(x, 2)), 1),
+}
+
+
+@pytest.mark.parametrize("name", TRACED_OPTIONS)
+def test_traced_static_options_raise_naming_the_argument(name):
+  make_options, value = TRACED_OPTIONS[name]
+  q = np.zeros(_Q, np.float32)
+  attend = jax.jit(lambda x: attnjax.dot_product_attention(q, q, q, **make_options(x)))
+  argument = name.removesuffix("_pair")
+  with pytest.raises(ValueError, match=f"{argument} must be static"):
+    attend(jnp.asarray(value))
+
+
+def test_concrete_jax_scalar_windows_are_accepted_like_ints():
+  arrays, _ = make_case(T=6, S=6)
+  for window, pair in [
+    (jnp.asarray(2), (2, 2)),
+    ((jnp.asarray(2), np.int64(1)), (2, 1)),
+    (jnp.asarray([2, 1]), (2, 1)),
+  ]:
+    want, _, _ = naive_attention(**arrays, local_window_size=pair)
+    got = attnjax.dot_product_attention(**arrays, local_window_size=window)
+    np.testing.assert_allclose(got, want, **F32_TOL)
+  with pytest.raises(ValueError, match="local_window_size"):
+    attnjax.dot_product_attention(**arrays, local_window_size=jnp.asarray(2.0))
+
+
 def _uses_blockwise(**kwargs):
   q = jnp.zeros((1, kwargs.pop("T"), 2, 8))
   k = jnp.zeros((1, kwargs.pop("S"), 2, 8))

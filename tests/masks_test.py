@@ -103,6 +103,14 @@ def test_sliding_window_mask_rejects_negative_windows(window):
     attnjax.sliding_window_mask(4, 4, window)
 
 
+def test_sliding_window_mask_takes_concrete_but_not_traced_jax_windows():
+  want = loop_mask(None, 4, 5, lambda _, i, j: i - 2 <= j <= i + 1)
+  assert_mask_equal(attnjax.sliding_window_mask(4, 5, (jnp.asarray(2), jnp.asarray(1))), want)
+  assert_mask_equal(attnjax.sliding_window_mask(4, 5, jnp.asarray([2, 1])), want)
+  with pytest.raises(ValueError, match="local_window_size must be static"):
+    jax.jit(lambda w: attnjax.sliding_window_mask(4, 5, w))(jnp.asarray(1))
+
+
 def test_combine_masks(eager_and_jit):
   rng = np.random.default_rng(2)
   causal = np.tril(np.ones((4, 5), bool))
