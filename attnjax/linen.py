@@ -113,11 +113,16 @@ class MultiHeadAttention(nn.Module):
 
     Returns:
       ``[..., T, out_features]``.
+
+    Raises:
+      ValueError: if ``num_kv_heads`` does not divide ``num_heads`` or ``dropout_rate`` is
+        not in [0, 1).
     """
-    inputs_q = jnp.asarray(inputs_q)
-    x_kv = inputs_q if inputs_kv is None else jnp.asarray(inputs_kv)
     N = self.num_heads
     K = N if self.num_kv_heads is None else self.num_kv_heads
+    _check_options(N, K, self.dropout_rate)
+    inputs_q = jnp.asarray(inputs_q)
+    x_kv = inputs_q if inputs_kv is None else jnp.asarray(inputs_kv)
     H = _head_dim(self.head_dim, inputs_q.shape[-1], N)
     shapes = multihead.projection_shapes(
         inputs_q.shape[-1], x_kv.shape[-1], self.out_features or inputs_q.shape[-1], N, K, H)
@@ -212,6 +217,13 @@ def _attend(module, params, inputs_q, inputs_kv, *, cache, dropout_rng, sow_weig
     result, cache = result
   out, weights = result if sow_weights else (result, None)
   return out, weights, cache
+
+
+def _check_options(num_heads: int, num_kv_heads: int, dropout_rate: float) -> None:
+  """Refuses head counts and dropout rates that a Linen or NNX module cannot use."""
+  multihead._check_heads(num_heads, num_kv_heads)
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
 
 
 def _head_dim(head_dim: int | None, in_features: int, num_heads: int) -> int:

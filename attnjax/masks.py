@@ -86,11 +86,20 @@ def lengths_mask(q_lengths: ArrayLike, kv_lengths: ArrayLike, q_len: int, kv_len
 
   Returns:
     bool ``[..., 1, T, S]``.
+
+  Raises:
+    TypeError: for lengths that are not integers.
+    ValueError: for a negative length (checked when the lengths are concrete, not traced),
+      or a negative ``q_len`` or ``kv_len``.
   """
+  _check_length("q_len", q_len)
+  _check_length("kv_len", kv_len)
   q_lengths, kv_lengths = jnp.asarray(q_lengths), jnp.asarray(kv_lengths)
   for name, x in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
     if not jnp.issubdtype(x.dtype, jnp.integer):
       raise TypeError(f"{name} must be integers, got dtype {x.dtype}")
+    if not isinstance(x, jax.core.Tracer) and np.any(np.asarray(x) < 0):
+      raise ValueError(f"{name} must be non-negative, got {np.asarray(x).tolist()}")
   q_valid = jnp.arange(q_len) < q_lengths[..., None]
   kv_valid = jnp.arange(kv_len) < kv_lengths[..., None]
   return padding_mask(q_valid, kv_valid)

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jax.typing import ArrayLike, DTypeLike
 
@@ -72,9 +73,7 @@ def init_multi_head_attention(
     The parameter pytree described in the module docstring.
   """
   num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-  if num_heads % num_kv_heads:
-    raise ValueError(f"num_heads must be a multiple of num_kv_heads, got {num_heads} and "
-                     f"{num_kv_heads}")
+  _check_heads(num_heads, num_kv_heads)
   kv_features = in_features if kv_features is None else kv_features
   out_features = in_features if out_features is None else out_features
   shapes = projection_shapes(in_features, kv_features, out_features, num_heads, num_kv_heads,
@@ -86,6 +85,13 @@ def init_multi_head_attention(
     if use_bias:
       params[name]["bias"] = bias_init(rng_i, bias_shape, dtype)
   return params
+
+
+def _check_heads(num_heads: int, num_kv_heads: int) -> None:
+  """Raises a ValueError unless ``num_kv_heads`` is positive and divides ``num_heads > 0``."""
+  if not num_heads > 0 or not num_kv_heads > 0 or num_heads % num_kv_heads:
+    raise ValueError(f"num_heads must be a positive multiple of num_kv_heads > 0, got "
+                     f"num_heads={num_heads} and num_kv_heads={num_kv_heads}")
 
 
 def projection_shapes(in_features, kv_features, out_features, num_heads, num_kv_heads, head_dim):
@@ -113,7 +119,14 @@ def init_kv_cache(batch_shape: tuple[int, ...], max_length: int, num_kv_heads: i
   Returns:
     ``{"key": [..., M, K, H], "value": [..., M, K, H], "index": int32 scalar}``; ``index`` is
     the number of positions filled.
+
+  Raises:
+    ValueError: for a negative ``max_length``, ``num_kv_heads`` or ``head_dim``.
   """
+  for name, n in (("max_length", max_length), ("num_kv_heads", num_kv_heads),
+                  ("head_dim", head_dim)):
+    if not jax.export.is_symbolic_dim(n) and (not isinstance(n, (int, np.integer)) or n < 0):
+      raise ValueError(f"{name} must be a non-negative int, got {n!r}")
   shape = tuple(batch_shape) + (max_length, num_kv_heads, head_dim)
   return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype),
           "index": jnp.zeros((), jnp.int32)}

@@ -57,6 +57,10 @@ class MultiHeadAttention(nnx.Module):
     rngs: ``nnx.Rngs`` for the parameters and, with dropout, the ``"dropout"`` stream.
 
   For decoding, set ``decode=True`` and call :meth:`init_cache` first.
+
+  Raises:
+    ValueError: at construction, if ``num_kv_heads`` does not divide ``num_heads`` or
+      ``dropout_rate`` is not in [0, 1).
   """
 
   def __init__(
@@ -84,6 +88,7 @@ class MultiHeadAttention(nnx.Module):
   ):
     self.num_heads = num_heads
     self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    linen._check_options(num_heads, self.num_kv_heads, dropout_rate)
     self.head_dim = linen._head_dim(head_dim, in_features, num_heads)
     self.dropout_rate = dropout_rate
     self.deterministic = deterministic

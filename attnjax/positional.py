@@ -10,7 +10,9 @@ References:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jax.typing import ArrayLike, DTypeLike
 
@@ -46,12 +48,15 @@ def sinusoidal_position_encoding(
     ``[L, dim]`` for an int, ``[..., L, dim]`` for positions ``[..., L]``.
 
   Raises:
-    ValueError: for an odd or non-positive ``dim``, an unknown layout, or scalar positions.
+    ValueError: for an odd or non-positive ``dim``, an unknown layout, scalar positions or a
+      non-positive ``max_timescale``.
   """
-  if not isinstance(dim, int) or dim <= 0 or dim % 2:
+  if not isinstance(dim, (int, np.integer)) or dim <= 0 or dim % 2:
     raise ValueError(f"dim must be a positive even int, got {dim!r}")
+  dim = int(dim)
   if layout not in SINUSOIDAL_LAYOUTS:
     raise ValueError(f"layout must be one of {SINUSOIDAL_LAYOUTS}, got {layout!r}")
+  _check_max_timescale(max_timescale)
   positions = _positions("positions_or_length", positions_or_length)
   half = dim // 2
   i = jnp.arange(half, dtype=jnp.float32)
@@ -92,11 +97,17 @@ def apply_rotary(
     ``[..., L, N, H]`` in the dtype of ``x`` (computed in float32).
 
   Raises:
-    ValueError: for an odd head dim, an unknown layout, or positions that do not match ``x``.
+    TypeError: for an ``x`` that is not floating point.
+    ValueError: for an odd head dim, an unknown layout, positions that do not match ``x``, or
+      a non-positive ``max_timescale``.
   """
   x = jnp.asarray(x)
   if x.ndim < 3:
     raise ValueError(f"x must have shape [..., length, heads, head_dim], got {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"x must be floating point (the rotation would be truncated), got dtype "
+                    f"{x.dtype}")
+  _check_max_timescale(max_timescale)
   H = x.shape[-1]
   if H % 2:
     raise ValueError(f"apply_rotary needs an even head dim, got x of shape {x.shape}")
@@ -120,12 +131,17 @@ def apply_rotary(
   return out.astype(x.dtype)
 
 
+def _check_max_timescale(max_timescale: float) -> None:
+  if not isinstance(max_timescale, jax.core.Tracer) and not max_timescale > 0:
+    raise ValueError(f"max_timescale must be positive, got {max_timescale!r}")
+
+
 def _positions(name: str, positions: int | ArrayLike) -> Array:
   """Positions as a float32 array [..., L]; an int L means 0..L-1."""
-  if isinstance(positions, int):
+  if isinstance(positions, (int, np.integer)):
     if positions < 0:
       raise ValueError(f"{name} must be a non-negative length or an array, got {positions}")
-    return jnp.arange(positions, dtype=jnp.float32)
+    return jnp.arange(int(positions), dtype=jnp.float32)
   positions = jnp.asarray(positions)
   if positions.ndim < 1:
     raise ValueError(f"{name} must be an int length or an array [..., L], got shape "

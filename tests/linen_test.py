@@ -177,6 +177,13 @@ def test_dropout():
   assert np.all(np.abs(outs.mean(0) - reference) < 5 * standard_error)
 
 
+@pytest.mark.parametrize("rate", [-0.1, 1.0])
+def test_dropout_rate_outside_zero_one_is_refused(rate):
+  module = linen.MultiHeadAttention(num_heads=2, dropout_rate=rate)
+  with pytest.raises(ValueError, match="dropout_rate must be in"):
+    module.init(jax.random.key(0), jnp.ones((3, 8)), deterministic=True)
+
+
 def decode_steps(module, variables, x, chunks):
   """Applies a `decode=True` module chunk by chunk, returning the outputs and the cache."""
   step = jax.jit(lambda v, x: module.apply(v, x, mutable=["cache"]))

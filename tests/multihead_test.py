@@ -182,6 +182,8 @@ def test_head_count_checks_and_bad_widths_raise():
     attnjax.multi_head_attention(params, jnp.ones((3, 7)))
   with pytest.raises(ValueError, match="num_kv_heads"):
     attnjax.init_multi_head_attention(jax.random.key(0), 8, 4, 2, num_kv_heads=3)
+  with pytest.raises(ValueError, match="num_kv_heads=0"):
+    attnjax.init_multi_head_attention(jax.random.key(0), 8, 4, 2, num_kv_heads=0)
 
 
 def rotary_by_hand(params, x_q, x_kv, q_pos, k_pos, max_timescale):
@@ -291,6 +293,8 @@ def test_cache_errors():
   with pytest.raises(ValueError, match="segment ids"):
     ids = jnp.zeros((2, 1), jnp.int32)
     attnjax.multi_head_attention(params, x, cache=cache, q_segment_ids=ids, kv_segment_ids=ids)
+  with pytest.raises(ValueError, match="max_length must be a non-negative int, got -1"):
+    attnjax.init_kv_cache((2,), -1, 2, 4)
   _, full = attnjax.multi_head_attention(params, jnp.ones((2, 5, 8)), cache=cache)
   with pytest.raises(ValueError, match="5 are filled and 2 more do not fit"):
     attnjax.multi_head_attention(params, jnp.ones((2, 2, 8)), cache=full)

@@ -216,6 +216,13 @@ def test_head_dim_default_needs_divisible_width():
   assert module.query.kernel.shape == (8, 3, 5)
 
 
+def test_bad_head_counts_and_dropout_rates_are_refused_at_construction():
+  with pytest.raises(ValueError, match="num_heads=4 and num_kv_heads=3"):
+    attn_nnx.MultiHeadAttention(8, 4, num_kv_heads=3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="dropout_rate must be in"):
+    attn_nnx.MultiHeadAttention(8, 4, dropout_rate=-0.1, rngs=nnx.Rngs(0))
+
+
 def sinusoids(positions, layout, dim=8, max_timescale=100.0):
   """Closed form as the real and imaginary parts of ``exp(i p w)`` per frequency w."""
   i = np.arange(dim // 2)
