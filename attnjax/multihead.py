@@ -277,5 +277,8 @@ def _write(cached: Array, new: Array, index: Array) -> Array:
   if new.shape[:-3] != cached.shape[:-3] or new.shape[-2:] != cached.shape[-2:]:
     raise ValueError(f"inputs of shape {new.shape} (projected) do not fit a cache of shape "
                      f"{cached.shape}")
-  start = (0,) * (cached.ndim - 3) + (index, 0, 0)
+  # Every start index in the cache index's dtype (Python zeros would be int64 under x64).
+  index = jnp.asarray(index)
+  zero = jnp.zeros((), index.dtype)
+  start = (zero,) * (cached.ndim - 3) + (index, zero, zero)
   return jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype), start)

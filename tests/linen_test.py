@@ -210,6 +210,18 @@ def test_decode_in_chunks_equals_full_causal_attention():
   assert cache["cached_key"].shape == (2, 6, 1, 4)
 
 
+def test_decode_under_x64_equals_full_causal_attention():
+  x = normal(0, (2, 4, 8))
+  module = linen.MultiHeadAttention(num_heads=2, decode=True, rotary=True)
+  variables = random_variables(module, x)
+  variables["cache"] = jax.tree.map(np.zeros_like, variables["cache"])
+  with jax.enable_x64(True):
+    out, cache = decode_steps(module, variables, x, [1, 2, 1])
+    full = linen.MultiHeadAttention(num_heads=2, rotary=True).apply(variables, x, is_causal=True)
+  np.testing.assert_allclose(out, full, **F32_TOL)
+  assert cache["cache_index"] == x.shape[-2]
+
+
 def test_decode_matches_flax_decode_and_its_cache():
   x = normal(0, (2, 5, 8))
   ours = linen.MultiHeadAttention(num_heads=2, decode=True)

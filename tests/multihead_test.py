@@ -263,6 +263,16 @@ def test_cached_decoding_equals_full_causal_attention(case):
   assert not np.any(cache["key"][..., L:, :, :]) and not np.any(cache["value"][..., L:, :, :])
 
 
+def test_cached_decoding_under_x64_equals_full_causal_attention():
+  params = random_params(0, 8, 2, 4)
+  x = normal(1, (2, 5, 8))
+  with jax.enable_x64(True):  # Python ints become int64 there; the cache index is int32.
+    full = jax.jit(functools.partial(attnjax.multi_head_attention, is_causal=True, rotary=True))
+    out, cache = decode(params, x, [2, 1, 2], 6, rotary=True)
+    np.testing.assert_allclose(out, full(params, x), **F32_TOL)
+    assert cache["index"].dtype == jnp.int32
+
+
 def test_cached_decoding_returns_weights_over_the_cache():
   params = random_params(0, 8, 2, 4)
   x = normal(1, (6, 8))

@@ -177,6 +177,19 @@ def test_decode_in_chunks_equals_full_causal_attention():
   np.testing.assert_allclose(np.concatenate(outs, axis=1), full(params, x), **F32_TOL)
 
 
+def test_decode_under_x64_equals_full_causal_attention():
+  x = normal(0, (2, 4, 8))
+  module, params = random_module(
+      lambda: attn_nnx.MultiHeadAttention(8, 2, decode=True, rngs=nnx.Rngs(0)))
+  module.init_cache(x.shape)
+  with jax.enable_x64(True):
+    step = nnx.jit(lambda m, x: m(x))
+    outs = [step(module, x[:, start:stop]) for start, stop in ((0, 1), (1, 3), (3, 4))]
+    full = attnjax.multi_head_attention(params, x, is_causal=True)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), full, **F32_TOL)
+  assert module.cache_index[...] == x.shape[1]
+
+
 def test_decode_in_bfloat16_keeps_a_bfloat16_cache():
   x = normal(0, (2, 3, 8))
   module = attn_nnx.MultiHeadAttention(8, 2, dtype=jnp.bfloat16, decode=True, rngs=nnx.Rngs(0))
