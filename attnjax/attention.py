@@ -100,7 +100,9 @@ def dot_product_attention(
     dropout_rng: a ``jax.random.key``, required when ``dropout_rate > 0``.
     return_weights: also return the attention weights (before dropout).
     return_lse: also return the log-sum-exp of the visible logits, ``-inf`` for a row with
-      no visible key (see :func:`merge_attention`).
+      no visible key (see :func:`merge_attention`). It carries a gradient (which
+      :func:`merge_attention` needs), unlike the residual of
+      ``jax.nn.dot_product_attention(..., return_residual=True)``, which is stop-gradiented.
     implementation: ``"xla"`` is the dense reference; ``"blockwise"`` is tiled with an online
       softmax and a recomputing backward pass (memory linear in length; no dropout, no
       ``return_weights``, a static ``scale``); ``None`` picks the fastest implementation that

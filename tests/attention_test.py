@@ -489,6 +489,23 @@ def test_dropout_mean_over_rngs_is_the_output_without_dropout():
   assert (np.abs(outs.mean(axis=0) - want) <= 5 * standard_error + 1e-6).all()
 
 
+def test_lse_carries_a_gradient_unlike_jax_nn_residual():
+  """d lse_i / d q_i = scale * sum_j p_ij k_j: the closed form of the softmax's gradient."""
+  arrays, _ = make_case(5, T=4, S=6, N=2, K=2, H=8)
+  q, k, v = arrays["query"], arrays["key"], arrays["value"]
+  for implementation in ("xla", "blockwise"):
+    def total_lse(q, implementation=implementation):
+      lse = attnjax.dot_product_attention(q, k, v, return_lse=True,
+                                          implementation=implementation)[1]
+      return jnp.sum(lse)
+    _, weights, _ = naive_attention(q, k, v)  # [B, N, T, S]
+    want = np.einsum("bnts,bsnh->btnh", weights, k.astype(np.float64)) / np.sqrt(8)
+    np.testing.assert_allclose(jax.grad(total_lse)(q), want, **F32_TOL)
+  residual_grad = jax.grad(
+    lambda q: jnp.sum(jax.nn.dot_product_attention(q, k, v, return_residual=True)[1]))(q)
+  np.testing.assert_array_equal(residual_grad, 0.0)
+
+
 def test_merge_attention_equals_attention_over_all_keys(eager_and_jit):
   arrays, _ = make_case(5, T=4, S=9, N=4, K=2, mask_shape=(2, 4, 4, 9), bias_shape=(2, 4, 4, 9))
   mask = arrays["mask"]
