@@ -231,12 +231,12 @@ def merge_attention(outputs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> 
                        f"{o.shape[:-3] + (o.shape[-2], o.shape[-3])} for outputs[{i}] of shape "
                        f"{o.shape}, got {x.shape}")
   lse_P = jnp.stack(lses)  # [P, ..., N, T]
-  max_lse = jnp.max(lse_P, axis=0)
+  max_lse = jnp.max(lse_P, axis=0, keepdims=True)
   max_lse = jnp.where(jnp.isfinite(max_lse), max_lse, 0.0)
   w_P = jnp.exp(lse_P - max_lse)  # exp(-inf) = 0 for empty parts
-  total = jnp.sum(w_P, axis=0)
+  total = jnp.sum(w_P, axis=0, keepdims=True)
   nonempty = total > 0
-  lse = jnp.where(nonempty, max_lse + jnp.log(jnp.where(nonempty, total, 1.0)), -jnp.inf)
+  lse = jnp.where(nonempty, max_lse + jnp.log(jnp.where(nonempty, total, 1.0)), -jnp.inf)[0]
   w_P = w_P / jnp.where(nonempty, total, 1.0)
   w_P = jnp.swapaxes(w_P, -1, -2)[..., None]  # [P, ..., T, N, 1]
   out = jnp.sum(w_P * jnp.stack(outputs).astype(jnp.float32), axis=0)
@@ -298,10 +298,12 @@ def _probabilities(c: _Canonical):
 
 
 def _visibility(c: _Canonical) -> Array | None:
-  """The AND of every mask in ``c``, bool broadcastable to [B, N, T, S], or None."""
+  """The AND of every mask in ``c``, bool [B|1, N|1, T, S], or None."""
   T, S = c.q.shape[1], c.k.shape[1]
-  causal = masks_lib.causal_mask(T, S) if c.is_causal else None
-  window = masks_lib.sliding_window_mask(T, S, c.window) if c.window is not None else None
+  causal = masks_lib.causal_mask(T, S)[None, None] if c.is_causal else None
+  window = None
+  if c.window is not None:
+    window = masks_lib.sliding_window_mask(T, S, c.window)[None, None]
   segments = None
   if c.q_segment_ids is not None:
     segments = masks_lib.segment_mask(c.q_segment_ids, c.kv_segment_ids)

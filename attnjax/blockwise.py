@@ -351,7 +351,7 @@ def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j):
       pos &= k_pos <= q_pos
     if plan.window is not None:
       pos &= (k_pos >= q_pos - plan.window[0]) & (k_pos <= q_pos + plan.window[1])
-    visible.append(pos)
+    visible.append(pos[None, None, None])
   if visible:
     s = jnp.where(functools.reduce(jnp.logical_and, visible), s, _HIDDEN)
   return s, tanh

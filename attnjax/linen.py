@@ -180,7 +180,7 @@ class SinusoidalPositionEmbedding(nn.Module):
     positions = inputs.shape[-2] if positions is None else positions
     pe = positional.sinusoidal_position_encoding(
         positions, inputs.shape[-1], max_timescale=self.max_timescale, layout=self.layout)
-    return inputs + pe.astype(inputs.dtype)
+    return jnp.add(*jnp.broadcast_arrays(inputs, pe.astype(inputs.dtype)))
 
 
 class RotaryPositionEmbedding(nn.Module):

@@ -100,8 +100,9 @@ def lengths_mask(q_lengths: ArrayLike, kv_lengths: ArrayLike, q_len: int, kv_len
       raise TypeError(f"{name} must be integers, got dtype {x.dtype}")
     if not isinstance(x, jax.core.Tracer) and np.any(np.asarray(x) < 0):
       raise ValueError(f"{name} must be non-negative, got {np.asarray(x).tolist()}")
-  q_valid = jnp.arange(q_len) < q_lengths[..., None]
-  kv_valid = jnp.arange(kv_len) < kv_lengths[..., None]
+  q_valid = jnp.broadcast_to(jnp.arange(q_len), q_lengths.shape + (q_len,)) < q_lengths[..., None]
+  kv_valid = (jnp.broadcast_to(jnp.arange(kv_len), kv_lengths.shape + (kv_len,))
+              < kv_lengths[..., None])
   return padding_mask(q_valid, kv_valid)
 
 
@@ -139,12 +140,13 @@ def combine_masks(*masks: ArrayLike | None) -> Array | None:
   if not masks:
     return None
   try:
-    jnp.broadcast_shapes(*(m.shape for m in masks))
+    shape = jnp.broadcast_shapes(*(m.shape for m in masks))
   except ValueError:
     shapes = ", ".join(str(m.shape) for m in masks)
     raise ValueError(f"combine_masks: masks do not broadcast together, got shapes "
                      f"{shapes}") from None
-  return functools.reduce(jnp.logical_and, masks)
+  # Broadcast explicitly, so that masks of different ranks combine under strict rank promotion.
+  return functools.reduce(jnp.logical_and, [jnp.broadcast_to(m, shape) for m in masks])
 
 
 def canonical_window(window: int | tuple[int, int]) -> tuple[int, int]:

@@ -259,7 +259,7 @@ def multi_head_attention(
   out_params = params["out"]
   out = jnp.einsum("...tnh,nhd->...td", heads, out_params["kernel"].astype(dtype))
   if "bias" in out_params:
-    out = out + out_params["bias"].astype(dtype)
+    out = out + jnp.broadcast_to(out_params["bias"].astype(dtype), out.shape)
   result = (out, weights) if return_weights else out
   return (result, cache) if cache is not None else result
 
@@ -268,7 +268,7 @@ def _project(p: dict[str, Array], x: Array, dtype: DTypeLike) -> Array:
   """x [..., L, D] -> [..., L, heads, H]."""
   y = jnp.einsum("...ld,dnh->...lnh", x.astype(dtype), p["kernel"].astype(dtype))
   if "bias" in p:
-    y = y + p["bias"].astype(dtype)
+    y = y + jnp.broadcast_to(p["bias"].astype(dtype), y.shape)
   return y
 
 

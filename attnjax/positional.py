@@ -64,7 +64,7 @@ def sinusoidal_position_encoding(
     inv_timescales = max_timescale ** (-2.0 * i / dim)
   else:
     inv_timescales = max_timescale ** (-i / max(half - 1, 1))
-  angles = positions[..., None] * inv_timescales  # [..., L, D/2]
+  angles = positions[..., None] * _lead(inv_timescales, positions.ndim)  # [..., L, D/2]
   if layout == "interleaved":
     pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*angles.shape[:-1], dim)
   else:
@@ -119,7 +119,8 @@ def apply_rotary(
     raise ValueError(f"positions of shape {positions.shape} must broadcast to x.shape[:-2] = "
                      f"{x.shape[:-2]} (x of shape {x.shape})")
   inv_timescales = max_timescale ** (-2.0 * jnp.arange(H // 2, dtype=jnp.float32) / H)
-  angles = positions[..., None, None] * inv_timescales  # [..., L, 1, H/2]
+  positions = _lead(positions, x.ndim - 2 - positions.ndim)  # Same rank as x.shape[:-2].
+  angles = positions[..., None, None] * _lead(inv_timescales, x.ndim - 1)  # [..., L, 1, H/2]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   xf = x.astype(jnp.float32)
   if layout == "half":
@@ -129,6 +130,11 @@ def apply_rotary(
     a, b = xf[..., 0::2], xf[..., 1::2]
     out = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(xf.shape)
   return out.astype(x.dtype)
+
+
+def _lead(x: Array, n: int) -> Array:
+  """``x`` with ``n`` leading dims of size 1: explicit rank promotion."""
+  return x.reshape((1,) * n + x.shape)
 
 
 def _check_max_timescale(max_timescale: float) -> None:

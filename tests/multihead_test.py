@@ -188,15 +188,17 @@ def test_head_count_checks_and_bad_widths_raise():
 
 def rotary_by_hand(params, x_q, x_kv, q_pos, k_pos, max_timescale):
   """Projects, rotates with `apply_rotary`, then attends with plain einsums (no masks)."""
-  p = params
-  q = jnp.einsum("...td,dnh->...tnh", x_q, p["query"]["kernel"]) + p["query"]["bias"]
-  k = jnp.einsum("...sd,dnh->...snh", x_kv, p["key"]["kernel"]) + p["key"]["bias"]
-  v = jnp.einsum("...sd,dnh->...snh", x_kv, p["value"]["kernel"]) + p["value"]["bias"]
+  def project(name, x):
+    y = jnp.einsum("...ld,dnh->...lnh", x, params[name]["kernel"])
+    return y + jnp.broadcast_to(params[name]["bias"], y.shape)
+
+  q, k, v = project("query", x_q), project("key", x_kv), project("value", x_kv)
   q = attnjax.apply_rotary(q, q_pos, max_timescale=max_timescale)
   k = attnjax.apply_rotary(k, k_pos, max_timescale=max_timescale)
   logits = jnp.einsum("...tnh,...snh->...nts", q, k) / np.sqrt(q.shape[-1])
   heads = jnp.einsum("...nts,...snh->...tnh", jax.nn.softmax(logits, axis=-1), v)
-  return jnp.einsum("...tnh,nhd->...td", heads, p["out"]["kernel"]) + p["out"]["bias"]
+  out = jnp.einsum("...tnh,nhd->...td", heads, params["out"]["kernel"])
+  return out + jnp.broadcast_to(params["out"]["bias"], out.shape)
 
 
 @pytest.mark.parametrize("cross,explicit_positions", [(False, False), (True, True)])
