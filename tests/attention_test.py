@@ -443,9 +443,11 @@ def test_dropout_rate_zero_and_rng_determinism():
 
   first = dropped(jax.random.key(0))
   np.testing.assert_array_equal(dropped(jax.random.key(0)), first)
-  np.testing.assert_array_equal(
+  # Eagerly, the same mask; XLA's fusion under jit may round the last bit differently.
+  np.testing.assert_allclose(
     attnjax.dot_product_attention(**arrays, dropout_rate=0.5, dropout_rng=jax.random.key(0)),
     first,
+    **F32_TOL,
   )
   assert not np.allclose(dropped(jax.random.key(1)), first)
   assert not np.allclose(first, want)
