@@ -105,14 +105,18 @@ def dot_product_attention(
     return_weights: also return the attention weights (before dropout).
     return_lse: also return the log-sum-exp of the visible logits, ``-inf`` for a row with
       no visible key, NaN for one that sees a non-finite input (see :func:`merge_attention`).
+      It carries a gradient (which :func:`merge_attention` needs), unlike the residual of
+      ``jax.nn.dot_product_attention(..., return_residual=True)``, which is stop-gradiented.
     implementation: ``"xla"`` is the dense reference; ``"blockwise"`` is tiled with an online
       softmax and a recomputing backward pass (memory linear in length; no dropout, no
       ``return_weights``, a static ``scale``); ``None`` picks the fastest implementation that
       supports the arguments: ``"xla"`` when weights, dropout or a traced scale are asked for
       or the keys are short (S < 128 on CPU, S < 1024 elsewhere), else ``"blockwise"``.
+      Under shape-polymorphic ``jax.export``, every implementation takes symbolic batch dims;
+      symbolic lengths T or S need ``"xla"`` (which ``None`` then picks).
     block_sizes: ``(block_q, block_k)`` for ``"blockwise"``'s forward pass (its backward pass
       uses ``min(block_q, block_k)`` queries per block); defaults from
-      :func:`attnjax.blockwise.default_block_sizes`.
+      :func:`attnjax.blockwise.default_block_sizes`, where a symbolic batch size counts as 1.
     precision: ``jax.lax.Precision`` of the two einsums (``q.k`` and ``weights.v``), as in
       ``jax.lax.dot_general``; honoured by ``"xla"`` only, so ``None`` picks ``"xla"`` when
       it is given.
@@ -124,10 +128,12 @@ def dot_product_attention(
 
   Raises:
     ValueError, TypeError: at trace time, for inputs of the wrong rank, shape or dtype, naming
-      the argument and what it got.
+      the argument and what it got; ValueError for a traced ``is_causal``,
+      ``local_window_size``, ``logits_soft_cap`` or ``dropout_rate`` (they must be static).
   """
   c = _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_size,
                     q_segment_ids, kv_segment_ids, logits_soft_cap)
+  _check_static("dropout_rate", dropout_rate, "float")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
   if dropout_rate > 0.0 and dropout_rng is None:
@@ -236,12 +242,12 @@ def merge_attention(outputs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> 
                        f"{o.shape[:-3] + (o.shape[-2], o.shape[-3])} for outputs[{i}] of shape "
                        f"{o.shape}, got {x.shape}")
   lse_P = jnp.stack(lse_list)  # [P, ..., N, T]
-  max_lse = jnp.max(lse_P, axis=0)
+  max_lse = jnp.max(lse_P, axis=0, keepdims=True)
   max_lse = jnp.where(jnp.isfinite(max_lse), max_lse, 0.0)
   w_P = jnp.exp(lse_P - max_lse)  # exp(-inf) = 0 for empty parts
-  total = jnp.sum(w_P, axis=0)
+  total = jnp.sum(w_P, axis=0, keepdims=True)
   nonempty = total > 0
-  lse = jnp.where(nonempty, max_lse + jnp.log(jnp.where(nonempty, total, 1.0)), -jnp.inf)
+  lse = jnp.where(nonempty, max_lse + jnp.log(jnp.where(nonempty, total, 1.0)), -jnp.inf)[0]
   w_P = w_P / jnp.where(nonempty, total, 1.0)
   w_P = jnp.swapaxes(w_P, -1, -2)[..., None]  # [P, ..., T, N, 1]
   out = jnp.sum(w_P * jnp.stack(outs).astype(jnp.float32), axis=0)
@@ -258,6 +264,8 @@ def _choose_implementation(c: _Canonical, dropout_rate: float,
   """
   if return_weights or dropout_rate > 0.0 or isinstance(c.scale, jax.core.Tracer):
     return "xla"
+  if any(jax.export.is_symbolic_dim(n) for n in (c.q.shape[1], c.k.shape[1])):
+    return "xla"  # Blocks are planned for static lengths.
   min_kv_len = 128 if jax.default_backend() == "cpu" else 1024
   return "blockwise" if c.k.shape[1] >= min_kv_len else "xla"
 
@@ -267,13 +275,13 @@ def _dense(c: _Canonical, dropout_rate: float, dropout_rng: Array | None,
   """Dense attention on canonical inputs: (out [B,T,N,H], weights [B,N,T,S], lse [B,N,T])."""
   probs, lse, bad = _probabilities(c, precision)
   B, T, N, H = c.q.shape
-  K = c.k.shape[2]
+  S, K = c.k.shape[1], c.k.shape[2]
   p = probs
   if dropout_rate > 0.0:
     assert dropout_rng is not None  # Checked by dot_product_attention.
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
     p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
-  p_BKGTS = p.reshape(B, K, N // K, T, -1)
+  p_BKGTS = p.reshape(B, K, N // K, T, S)
   out = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, _finite(c.v).astype(jnp.float32),
                    precision=precision)
   out = jnp.where(jnp.swapaxes(bad, 1, 2)[..., None], jnp.nan, out.reshape(B, T, N, H))
@@ -388,6 +396,8 @@ def _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_
     _segment_ids("q_segment_ids", q_segment_ids, batch + (T,))
     _segment_ids("kv_segment_ids", kv_segment_ids, batch + (S,))
 
+  _check_static("is_causal", is_causal, "bool")
+  _check_static("logits_soft_cap", logits_soft_cap, "float")
   window = None
   if local_window_size is not None:
     window = masks_lib.clamp_window(masks_lib.canonical_window(local_window_size), T, S,
@@ -409,10 +419,14 @@ def _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_
       logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
 
 
+def _check_static(name: str, value: Any, kind: str) -> None:
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{name} must be static (a Python {kind}), got a traced value {value}; "
+                     f"pass it outside jit or as a static argument")
 def _segment_ids(name: str, ids: ArrayLike, shape: tuple[int, ...]) -> Array:
   ids = jnp.asarray(ids)
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise TypeError(f"{name} must be integers, got dtype {ids.dtype}")
   if ids.shape != shape:
     raise ValueError(f"{name} must have shape [..., length] = {shape}, got {ids.shape}")
-  return ids.reshape(-1, shape[-1]).astype(jnp.int32)
+  return ids.reshape(math.prod(shape[:-1]), shape[-1]).astype(jnp.int32)

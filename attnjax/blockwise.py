@@ -113,7 +113,8 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None,
     q_segment_ids: None or int32 ``[B, T]``; a key is visible iff its segment id is equal.
     kv_segment_ids: None or int32 ``[B, S]``; given iff ``q_segment_ids`` is.
     logits_soft_cap: None or c > 0: logits become c * tanh(logits / c) after the bias.
-    block_q: queries per block; default from :func:`default_block_sizes`.
+    block_q: queries per block; default from :func:`default_block_sizes` (a symbolic batch
+      size B, as in shape-polymorphic ``jax.export``, counts as 1 there).
     block_k: keys per block; default from :func:`default_block_sizes`.
 
   Returns:
@@ -122,13 +123,18 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None,
   """
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
-  default_q, default_k = default_block_sizes(B * N, T, S)
+  for name, n in (("query length T", T), ("key length S", S)):
+    if jax.export.is_symbolic_dim(n):
+      raise ValueError(f"blockwise attention needs a static {name}, got the symbolic {n}; "
+                       "use implementation='xla'")
+  # A batch size left symbolic by shape-polymorphic export counts as 1 for the default blocks.
+  default_q, default_k = default_block_sizes(N if jax.export.is_symbolic_dim(B) else B * N, T, S)
   if (block_q is not None and block_q < 1) or (block_k is not None and block_k < 1):
     raise ValueError(f"block_q and block_k must be positive, got {block_q} and {block_k}")
   # A block longer than the padded length would only add padding.
   bq = min(block_q or default_q, _next_pow2(T))
   bk = min(block_k or default_k, _next_pow2(S))
-  if T == 0 or S == 0:
+  if 0 in (B, T, N, S):
     return jnp.zeros(q.shape, q.dtype), jnp.full((B, N, T), -jnp.inf, jnp.float32)
   scale = float(scale)
   # Scaling each query block as it is cut out is cheaper than scaling every block of logits; in

@@ -159,11 +159,13 @@ class MultiHeadAttention(nn.Module):
 
     Raises:
       ValueError: for inputs that do not fit the parameters or each other (see
-        :func:`attnjax.multi_head_attention`), or key/value inputs with ``decode=True``.
+        :func:`attnjax.multi_head_attention`), key/value inputs with ``decode=True``, if
+        ``num_kv_heads`` does not divide ``num_heads`` or ``dropout_rate`` is not in [0, 1).
     """
     x_q, x_k, x_v = multihead.resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv)
     N = self.num_heads
     K = N if self.num_kv_heads is None else self.num_kv_heads
+    _check_options(N, K, self.dropout_rate)
     H = _head_dim(self.head_dim, x_q.shape[-1], N)
     shapes = multihead.projection_shapes(
         x_q.shape[-1], x_k.shape[-1], self.out_features or x_q.shape[-1], N, K, H,
@@ -233,7 +235,7 @@ class SinusoidalPositionEmbedding(nn.Module):
     positions = inputs.shape[-2] if positions is None else positions
     pe = positional.sinusoidal_position_encoding(
         positions, inputs.shape[-1], max_timescale=self.max_timescale, layout=self.layout)
-    return inputs + pe.astype(inputs.dtype)
+    return jnp.add(*jnp.broadcast_arrays(inputs, pe.astype(inputs.dtype)))
 
 
 class RotaryPositionEmbedding(nn.Module):
@@ -272,6 +274,13 @@ def _attend(module, params, inputs_q, inputs_k, inputs_v, *, cache, dropout_rng,
     result, cache = result
   out, weights = result if sow_weights else (result, None)
   return out, weights, cache
+
+
+def _check_options(num_heads: int, num_kv_heads: int, dropout_rate: float) -> None:
+  """Refuses head counts and dropout rates that a Linen or NNX module cannot use."""
+  multihead._check_heads(num_heads, num_kv_heads)
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
 
 
 def _head_dim(head_dim: int | None, in_features: int, num_heads: int) -> int:

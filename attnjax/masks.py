@@ -91,13 +91,23 @@ def lengths_mask(q_lengths: ArrayLike, kv_lengths: ArrayLike, q_len: int, kv_len
 
   Returns:
     bool ``[..., 1, T, S]``.
+
+  Raises:
+    TypeError: for lengths that are not integers.
+    ValueError: for a negative length (checked when the lengths are concrete, not traced),
+      or a negative ``q_len`` or ``kv_len``.
   """
+  _check_length("q_len", q_len)
+  _check_length("kv_len", kv_len)
   q_lengths, kv_lengths = jnp.asarray(q_lengths), jnp.asarray(kv_lengths)
   for name, x in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
     if not jnp.issubdtype(x.dtype, jnp.integer):
       raise TypeError(f"{name} must be integers, got dtype {x.dtype}")
-  q_valid = jnp.arange(q_len) < q_lengths[..., None]
-  kv_valid = jnp.arange(kv_len) < kv_lengths[..., None]
+    if not isinstance(x, jax.core.Tracer) and np.any(np.asarray(x) < 0):
+      raise ValueError(f"{name} must be non-negative, got {np.asarray(x).tolist()}")
+  q_valid = jnp.broadcast_to(jnp.arange(q_len), q_lengths.shape + (q_len,)) < q_lengths[..., None]
+  kv_valid = (jnp.broadcast_to(jnp.arange(kv_len), kv_lengths.shape + (kv_len,))
+              < kv_lengths[..., None])
   return padding_mask(q_valid, kv_valid)
 
 
@@ -135,29 +145,44 @@ def combine_masks(*masks: ArrayLike | None) -> Array | None:
   if not given:
     return None
   try:
-    np.broadcast_shapes(*(m.shape for m in given))
+    shape = jnp.broadcast_shapes(*(m.shape for m in given))
   except ValueError:
     shapes = ", ".join(str(m.shape) for m in given)
     raise ValueError(f"combine_masks: masks do not broadcast together, got shapes "
                      f"{shapes}") from None
-  return functools.reduce(jnp.logical_and, given)
+  # Broadcast explicitly, so that masks of different ranks combine under strict rank promotion.
+  return functools.reduce(jnp.logical_and, [jnp.broadcast_to(m, shape) for m in given])
 
 
 def canonical_window(window: int | tuple[int, int],
                      name: str = "local_window_size") -> tuple[int, int]:
   """``window`` as a ``(left, right)`` pair of non-negative Python ints.
 
+  Concrete integer scalars (NumPy or JAX) are accepted; traced ones are refused.
+
   Args:
     window: one int ``w`` meaning ``(w, w)``, or a ``(left, right)`` pair.
     name: the caller's name for ``window``, used in error messages.
 
   Raises:
-    ValueError: if ``window`` is negative or not one or two ints.
+    ValueError: if ``window`` is traced, negative or not one or two ints.
   """
+  if isinstance(window, jax.core.Tracer) or (
+      isinstance(window, (tuple, list)) and any(isinstance(w, jax.core.Tracer) for w in window)):
+    raise ValueError(f"{name} must be static (Python ints), got a traced value "
+                     f"{window!r}; pass it outside jit or as a static argument")
+
+  def as_int(w):  # A concrete integer array scalar as an int; anything else as it is.
+    integer_scalar = (isinstance(w, (np.ndarray, jax.Array)) and w.ndim == 0
+                      and jnp.issubdtype(w.dtype, jnp.integer))
+    return int(w) if integer_scalar else w
+
+  scalar = isinstance(window, (int, float, np.number)) or getattr(window, "ndim", None) == 0
   try:
-    pair = (window, window) if isinstance(window, (int, np.integer)) else tuple(window)
-  except TypeError:  # Not iterable, e.g. a float.
+    pair = (window, window) if scalar else tuple(window)  # type: ignore[arg-type]
+  except TypeError:  # Not iterable.
     pair = ()
+  pair = tuple(as_int(w) for w in pair)
   if len(pair) != 2 or not all(isinstance(w, (int, np.integer)) for w in pair):
     raise ValueError(f"{name} must be an int or a (left, right) pair of ints, got {window!r}")
   if min(pair) < 0:
@@ -190,6 +215,8 @@ def _as_bool(name: str, mask: ArrayLike) -> Array:
 
 
 def _check_length(name: str, n: int) -> None:
+  if jax.export.is_symbolic_dim(n):  # A length left symbolic by shape-polymorphic export.
+    return
   if not isinstance(n, (int, np.integer)) or n < 0:
     raise ValueError(f"{name} must be a non-negative int, got {n!r}")
 
@@ -659,7 +686,7 @@ def flatten_batch(name: str, x: ArrayLike, logits_shape: tuple[int, ...], n_batc
   """Checks that ``x`` broadcasts to the logits and returns it as rank 4 [B|1, N|1, T|1, S|1]."""
   x = jnp.asarray(x)
   try:
-    broadcasts = np.broadcast_shapes(x.shape, logits_shape) == logits_shape
+    broadcasts = jnp.broadcast_shapes(x.shape, logits_shape) == logits_shape
   except ValueError:
     broadcasts = False
   if not broadcasts:
@@ -670,4 +697,4 @@ def flatten_batch(name: str, x: ArrayLike, logits_shape: tuple[int, ...], n_batc
   if all(d == 1 for d in lead):
     return x.reshape((1,) + tail)
   x = jnp.broadcast_to(x, logits_shape[:n_batch] + tail)
-  return x.reshape((-1,) + tail)
+  return x.reshape((math.prod(logits_shape[:n_batch]),) + tail)

@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jax.typing import ArrayLike, DTypeLike
 
@@ -96,9 +97,7 @@ def init_multi_head_attention(
     The parameter pytree described in the module docstring.
   """
   num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-  if num_heads % num_kv_heads:
-    raise ValueError(f"num_heads must be a multiple of num_kv_heads, got {num_heads} and "
-                     f"{num_kv_heads}")
+  _check_heads(num_heads, num_kv_heads)
   kv_features = in_features if kv_features is None else kv_features
   out_features = in_features if out_features is None else out_features
   shapes = projection_shapes(in_features, kv_features, out_features, num_heads, num_kv_heads,
@@ -115,6 +114,13 @@ def init_multi_head_attention(
     for name in QK_NORM_NAMES:
       params[name] = {"scale": jnp.ones((head_dim,), dtype)}
   return params
+
+
+def _check_heads(num_heads: int, num_kv_heads: int) -> None:
+  """Raises a ValueError unless ``num_kv_heads`` is positive and divides ``num_heads > 0``."""
+  if not num_heads > 0 or not num_kv_heads > 0 or num_heads % num_kv_heads:
+    raise ValueError(f"num_heads must be a positive multiple of num_kv_heads > 0, got "
+                     f"num_heads={num_heads} and num_kv_heads={num_kv_heads}")
 
 
 def projection_shapes(in_features, kv_features, out_features, num_heads, num_kv_heads, head_dim,
@@ -158,7 +164,14 @@ def init_kv_cache(batch_shape: tuple[int, ...], max_length: int, num_kv_heads: i
   Returns:
     ``{"key": [..., M, K, H], "value": [..., M, K, H], "index": int32 scalar}``; ``index`` is
     the number of positions filled.
+
+  Raises:
+    ValueError: for a negative ``max_length``, ``num_kv_heads`` or ``head_dim``.
   """
+  for name, n in (("max_length", max_length), ("num_kv_heads", num_kv_heads),
+                  ("head_dim", head_dim)):
+    if not jax.export.is_symbolic_dim(n) and (not isinstance(n, (int, np.integer)) or n < 0):
+      raise ValueError(f"{name} must be a non-negative int, got {n!r}")
   shape = tuple(batch_shape) + (max_length, num_kv_heads, head_dim)
   return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype),
           "index": jnp.zeros((), jnp.int32)}
@@ -367,7 +380,7 @@ def multi_head_attention(
   out = jnp.einsum("...tnh,nhd->...td", heads, out_params["kernel"].astype(dtype),
                    precision=precision)
   if "bias" in out_params:
-    out = out + out_params["bias"].astype(dtype)
+    out = out + jnp.broadcast_to(out_params["bias"].astype(dtype), out.shape)
   if cache is not None:  # A write past the end was clamped: make the wrong answer NaN.
     out = jnp.where(overrun, jnp.nan, out)
     weights = None if weights is None else jnp.where(overrun, jnp.nan, weights)
@@ -409,7 +422,7 @@ def _project(p: dict[str, Array], x: Array, dtype: DTypeLike,
   y = jnp.einsum("...ld,dnh->...lnh", x.astype(dtype), p["kernel"].astype(dtype),
                  precision=precision)
   if "bias" in p:
-    y = y + p["bias"].astype(dtype)
+    y = y + jnp.broadcast_to(p["bias"].astype(dtype), y.shape)
   return y
 
 
@@ -430,5 +443,8 @@ def _write(cached: Array, new: Array, index: Array) -> Array:
   if new.shape[:-3] != cached.shape[:-3] or new.shape[-2:] != cached.shape[-2:]:
     raise ValueError(f"inputs of shape {new.shape} (projected) do not fit a cache of shape "
                      f"{cached.shape}")
-  start: tuple[Any, ...] = (0,) * (cached.ndim - 3) + (index, 0, 0)
+  # Every start index in the cache index's dtype (Python zeros would be int64 under x64).
+  index = jnp.asarray(index)
+  zero = jnp.zeros((), index.dtype)
+  start = (zero,) * (cached.ndim - 3) + (index, zero, zero)
   return jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype), start)

@@ -80,6 +80,10 @@ class MultiHeadAttention(nnx.Module):
       ``rngs`` (Flax's); with ``keep_rngs=False`` a call with dropout needs ``rngs``.
 
   For decoding, set ``decode=True`` and call :meth:`init_cache` first.
+
+  Raises:
+    ValueError: at construction, if ``num_kv_heads`` does not divide ``num_heads`` or
+      ``dropout_rate`` is not in [0, 1).
   """
 
   def __init__(
@@ -113,6 +117,7 @@ class MultiHeadAttention(nnx.Module):
   ):
     self.num_heads = num_heads
     self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    linen._check_options(num_heads, self.num_kv_heads, dropout_rate)
     self.head_dim = linen._head_dim(head_dim, in_features, num_heads)
     self.dropout_rate = dropout_rate
     self.deterministic = deterministic
@@ -268,7 +273,7 @@ class SinusoidalPositionEmbedding(nnx.Module):
     positions = inputs.shape[-2] if positions is None else positions
     pe = positional.sinusoidal_position_encoding(
         positions, inputs.shape[-1], max_timescale=self.max_timescale, layout=self.layout)
-    return inputs + pe.astype(inputs.dtype)
+    return jnp.add(*jnp.broadcast_arrays(inputs, pe.astype(inputs.dtype)))
 
 
 class RotaryPositionEmbedding(nnx.Module):

@@ -10,7 +10,9 @@ References:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jax.typing import ArrayLike, DTypeLike
 
@@ -46,12 +48,15 @@ def sinusoidal_position_encoding(
     ``[L, dim]`` for an int, ``[..., L, dim]`` for positions ``[..., L]``.
 
   Raises:
-    ValueError: for an odd or non-positive ``dim``, an unknown layout, or scalar positions.
+    ValueError: for an odd or non-positive ``dim``, an unknown layout, scalar positions or a
+      non-positive ``max_timescale``.
   """
-  if not isinstance(dim, int) or dim <= 0 or dim % 2:
+  if not isinstance(dim, (int, np.integer)) or dim <= 0 or dim % 2:
     raise ValueError(f"dim must be a positive even int, got {dim!r}")
+  dim = int(dim)
   if layout not in SINUSOIDAL_LAYOUTS:
     raise ValueError(f"layout must be one of {SINUSOIDAL_LAYOUTS}, got {layout!r}")
+  _check_max_timescale(max_timescale)
   positions = _positions("positions_or_length", positions_or_length)
   half = dim // 2
   i = jnp.arange(half, dtype=jnp.float32)
@@ -59,7 +64,7 @@ def sinusoidal_position_encoding(
     inv_timescales = max_timescale ** (-2.0 * i / dim)
   else:
     inv_timescales = max_timescale ** (-i / max(half - 1, 1))
-  angles = positions[..., None] * inv_timescales  # [..., L, D/2]
+  angles = positions[..., None] * _lead(inv_timescales, positions.ndim)  # [..., L, D/2]
   if layout == "interleaved":
     pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*angles.shape[:-1], dim)
   else:
@@ -92,11 +97,17 @@ def apply_rotary(
     ``[..., L, N, H]`` in the dtype of ``x`` (computed in float32).
 
   Raises:
-    ValueError: for an odd head dim, an unknown layout, or positions that do not match ``x``.
+    TypeError: for an ``x`` that is not floating point.
+    ValueError: for an odd head dim, an unknown layout, positions that do not match ``x``, or
+      a non-positive ``max_timescale``.
   """
   x = jnp.asarray(x)
   if x.ndim < 3:
     raise ValueError(f"x must have shape [..., length, heads, head_dim], got {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"x must be floating point (the rotation would be truncated), got dtype "
+                    f"{x.dtype}")
+  _check_max_timescale(max_timescale)
   H = x.shape[-1]
   if H % 2:
     raise ValueError(f"apply_rotary needs an even head dim, got x of shape {x.shape}")
@@ -108,7 +119,8 @@ def apply_rotary(
     raise ValueError(f"positions of shape {positions.shape} must broadcast to x.shape[:-2] = "
                      f"{x.shape[:-2]} (x of shape {x.shape})")
   inv_timescales = max_timescale ** (-2.0 * jnp.arange(H // 2, dtype=jnp.float32) / H)
-  angles = positions[..., None, None] * inv_timescales  # [..., L, 1, H/2]
+  positions = _lead(positions, x.ndim - 2 - positions.ndim)  # Same rank as x.shape[:-2].
+  angles = positions[..., None, None] * _lead(inv_timescales, x.ndim - 1)  # [..., L, 1, H/2]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   xf = x.astype(jnp.float32)
   if layout == "half":
@@ -120,12 +132,22 @@ def apply_rotary(
   return out.astype(x.dtype)
 
 
+def _lead(x: Array, n: int) -> Array:
+  """``x`` with ``n`` leading dims of size 1: explicit rank promotion."""
+  return x.reshape((1,) * n + x.shape)
+
+
+def _check_max_timescale(max_timescale: float) -> None:
+  if not isinstance(max_timescale, jax.core.Tracer) and not max_timescale > 0:
+    raise ValueError(f"max_timescale must be positive, got {max_timescale!r}")
+
+
 def _positions(name: str, positions: int | ArrayLike) -> Array:
   """Positions as a float32 array [..., L]; an int L means 0..L-1."""
-  if isinstance(positions, int):
+  if isinstance(positions, (int, np.integer)):
     if positions < 0:
       raise ValueError(f"{name} must be a non-negative length or an array, got {positions}")
-    return jnp.arange(positions, dtype=jnp.float32)
+    return jnp.arange(int(positions), dtype=jnp.float32)
   positions = jnp.asarray(positions)
   if positions.ndim < 1:
     raise ValueError(f"{name} must be an int length or an array [..., L], got shape "

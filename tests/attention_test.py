@@ -252,6 +252,99 @@ def test_gradient_support_is_the_visible_set(seed, heads, kv_len, is_causal, loc
   np.testing.assert_array_equal(reads, np.arange(N)[:, None] // (N // K) == np.arange(K))
 
 
+@pytest.mark.parametrize("implementation", ["xla", "blockwise", None])
+@pytest.mark.parametrize(
+  "batch, T, S",
+  [((0,), 4, 6), ((2, 0), 3, 5), ((2,), 0, 6), ((2,), 4, 0)],
+  ids=["empty_batch", "empty_second_batch_dim", "no_queries", "no_keys"],
+)
+def test_empty_batch_or_length_gives_empty_results_and_gradients(
+  implementation, batch, T, S, eager_and_jit
+):
+  """Size-0 batch, query or key dims give size-0 (or zero, lse -inf) results and gradients."""
+  arrays, options = make_case(
+    batch=batch, T=T, S=S, N=4, K=2, bias_shape=batch + (1, T, S), mask_shape=batch + (4, T, S),
+    is_causal=True, local_window_size=(2, 1),
+  )
+  arrays["q_segment_ids"] = np.zeros(batch + (T,), np.int32)
+  arrays["kv_segment_ids"] = np.zeros(batch + (S,), np.int32)
+  want_out, want_weights, want_lse = naive_attention(**arrays, **options)
+  if implementation == "xla":
+    weights = attnjax.attention_weights(**without_value(arrays), **options)
+    np.testing.assert_array_equal(weights, want_weights)
+  options.update(implementation=implementation, return_lse=True)
+
+  floats = {name: arrays[name] for name in ("query", "key", "value", "bias")}
+
+  def loss(floats):
+    out, lse = attnjax.dot_product_attention(**{**arrays, **floats}, **options)
+    return jnp.sum(out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+  for grad_fn in (jax.grad(loss), jax.jit(jax.grad(loss))):
+    grads = grad_fn(floats)
+    for name, x in floats.items():
+      assert grads[name].shape == x.shape, name
+      np.testing.assert_array_equal(grads[name], 0.0)
+  for out, lse in eager_and_jit(attnjax.dot_product_attention, arrays, **options):
+    assert out.shape == want_out.shape and lse.shape == want_lse.shape
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_array_equal(lse, want_lse)
+
+
+@pytest.mark.parametrize(
+  "implementation, block_sizes",
+  [("xla", None), ("blockwise", None), ("blockwise", (64, 32)), (None, None)],
+)
+def test_export_with_symbolic_batch_matches_direct_call(implementation, block_sizes):
+  T = S = 160  # The default implementation is blockwise from 128 keys on CPU.
+  (b,) = jax.export.symbolic_shape("b")
+
+  def attend(query, key, value, bias, mask, q_segment_ids, kv_segment_ids):
+    return attnjax.dot_product_attention(
+      query, key, value, bias, mask, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, is_causal=True, local_window_size=(100, 0),
+      return_lse=True, implementation=implementation, block_sizes=block_sizes,
+    )
+
+  specs = [
+    jax.ShapeDtypeStruct(shape, dtype)
+    for shape, dtype in [
+      ((b, T, 4, 16), jnp.float32), ((b, S, 2, 16), jnp.float32), ((b, S, 2, 16), jnp.float32),
+      ((b, 1, T, S), jnp.float32), ((b, 4, 1, S), jnp.bool_), ((b, T), jnp.int32),
+      ((b, S), jnp.int32),
+    ]
+  ]
+  exported = jax.export.export(jax.jit(attend))(*specs)
+  for batch in (1, 3):
+    arrays, _ = make_case(
+      batch, batch=(batch,), T=T, S=S, N=4, K=2, H=16, bias_shape=(batch, 1, T, S),
+      mask_shape=(batch, 4, 1, S), mask_first_key=True, segments=True,
+    )
+    args = [arrays[name] for name in (
+      "query", "key", "value", "bias", "mask", "q_segment_ids", "kv_segment_ids")]
+    for got, want in zip(exported.call(*args), attend(*args), strict=True):
+      assert got.shape == want.shape
+      np.testing.assert_allclose(got, want, **F32_TOL)
+
+
+def test_export_with_symbolic_lengths_needs_xla():
+  b, t = jax.export.symbolic_shape("b, t")
+  spec = jax.ShapeDtypeStruct((b, t, 2, 4), jnp.float32)
+  for implementation in ("xla", None):
+    attend = functools.partial(
+      attnjax.dot_product_attention, is_causal=True, local_window_size=3,
+      implementation=implementation,
+    )
+    exported = jax.export.export(jax.jit(attend))(spec, spec, spec)
+    for batch, T in ((1, 5), (2, 130)):
+      arrays, _ = make_case(T, batch=(batch,), T=T, S=T)
+      args = arrays["query"], arrays["key"], arrays["value"]
+      np.testing.assert_allclose(exported.call(*args), attend(*args), **F32_TOL)
+  blockwise = functools.partial(attnjax.dot_product_attention, implementation="blockwise")
+  with pytest.raises(ValueError, match="static query length T, got the symbolic t"):
+    jax.export.export(jax.jit(blockwise))(spec, spec, spec)
+
+
 def test_empty_rows_give_zeros_and_zero_finite_gradients():
   arrays, _ = make_case(3, T=4, S=5, mask_shape=(2, 2, 4, 5), bias_shape=(2, 2, 4, 5))
   mask = arrays["mask"]
@@ -394,6 +487,23 @@ def test_dropout_mean_over_rngs_is_the_output_without_dropout():
   assert not np.allclose(outs[0], outs[1])
   standard_error = outs.std(axis=0) / np.sqrt(samples)
   assert (np.abs(outs.mean(axis=0) - want) <= 5 * standard_error + 1e-6).all()
+
+
+def test_lse_carries_a_gradient_unlike_jax_nn_residual():
+  """d lse_i / d q_i = scale * sum_j p_ij k_j: the closed form of the softmax's gradient."""
+  arrays, _ = make_case(5, T=4, S=6, N=2, K=2, H=8)
+  q, k, v = arrays["query"], arrays["key"], arrays["value"]
+  for implementation in ("xla", "blockwise"):
+    def total_lse(q, implementation=implementation):
+      lse = attnjax.dot_product_attention(q, k, v, return_lse=True,
+                                          implementation=implementation)[1]
+      return jnp.sum(lse)
+    _, weights, _ = naive_attention(q, k, v)  # [B, N, T, S]
+    want = np.einsum("bnts,bsnh->btnh", weights, k.astype(np.float64)) / np.sqrt(8)
+    np.testing.assert_allclose(jax.grad(total_lse)(q), want, **F32_TOL)
+  residual_grad = jax.grad(
+    lambda q: jnp.sum(jax.nn.dot_product_attention(q, k, v, return_residual=True)[1]))(q)
+  np.testing.assert_array_equal(residual_grad, 0.0)
 
 
 def test_merge_attention_equals_attention_over_all_keys(eager_and_jit):
@@ -649,6 +759,39 @@ def test_bad_input_raises_at_trace_time_naming_the_argument(overrides, options, 
   message = str(raised.value)
   assert any(name in message for name in names), message
   assert not got or any(text in message for text in got), message
+
+
+TRACED_OPTIONS = {  # name: (options given the traced value, a value).
+  "dropout_rate": (lambda x: dict(dropout_rate=x, dropout_rng=jax.random.key(0)), 0.1),
+  "logits_soft_cap": (lambda x: dict(logits_soft_cap=x), 2.0),
+  "is_causal": (lambda x: dict(is_causal=x), True),
+  "local_window_size": (lambda x: dict(local_window_size=x), 1),
+  "local_window_size_pair": (lambda x: dict(local_window_size=(x, 2)), 1),
+}
+
+
+@pytest.mark.parametrize("name", TRACED_OPTIONS)
+def test_traced_static_options_raise_naming_the_argument(name):
+  make_options, value = TRACED_OPTIONS[name]
+  q = np.zeros(_Q, np.float32)
+  attend = jax.jit(lambda x: attnjax.dot_product_attention(q, q, q, **make_options(x)))
+  argument = name.removesuffix("_pair")
+  with pytest.raises(ValueError, match=f"{argument} must be static"):
+    attend(jnp.asarray(value))
+
+
+def test_concrete_jax_scalar_windows_are_accepted_like_ints():
+  arrays, _ = make_case(T=6, S=6)
+  for window, pair in [
+    (jnp.asarray(2), (2, 2)),
+    ((jnp.asarray(2), np.int64(1)), (2, 1)),
+    (jnp.asarray([2, 1]), (2, 1)),
+  ]:
+    want, _, _ = naive_attention(**arrays, local_window_size=pair)
+    got = attnjax.dot_product_attention(**arrays, local_window_size=window)
+    np.testing.assert_allclose(got, want, **F32_TOL)
+  with pytest.raises(ValueError, match="local_window_size"):
+    attnjax.dot_product_attention(**arrays, local_window_size=jnp.asarray(2.0))
 
 
 def _uses_blockwise(**kwargs):

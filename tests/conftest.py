@@ -7,6 +7,10 @@ import hypothesis
 import jax
 import pytest
 
+# Strict broadcasting, as in jax's own tests: attnjax must not rely on implicit rank promotion,
+# which strict user test suites turn into errors.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
 # Property tests compile a jitted function per new shape: no deadline, few examples, and a
 # fixed seed so that the suite is reproducible on CI.
 hypothesis.settings.register_profile("attnjax", deadline=None, max_examples=15, derandomize=True)

@@ -266,6 +266,13 @@ def test_dropout():
   assert np.all(np.abs(outs.mean(0) - reference) < 5 * standard_error)
 
 
+@pytest.mark.parametrize("rate", [-0.1, 1.0])
+def test_dropout_rate_outside_zero_one_is_refused(rate):
+  module = linen.MultiHeadAttention(num_heads=2, dropout_rate=rate)
+  with pytest.raises(ValueError, match="dropout_rate must be in"):
+    module.init(jax.random.key(0), jnp.ones((3, 8)), deterministic=True)
+
+
 def decode_steps(module, variables, x, chunks):
   """Applies a `decode=True` module chunk by chunk, returning the outputs and the cache."""
   step = jax.jit(lambda v, x: module.apply(v, x, mutable=["cache"]))
@@ -290,6 +297,18 @@ def test_decode_in_chunks_equals_full_causal_attention():
   np.testing.assert_allclose(out, full(variables, x), **F32_TOL)
   assert cache["cache_index"] == x.shape[-2]
   assert cache["cached_key"].shape == (2, 6, 1, 4)
+
+
+def test_decode_under_x64_equals_full_causal_attention():
+  x = normal(0, (2, 4, 8))
+  module = linen.MultiHeadAttention(num_heads=2, decode=True, rotary=True)
+  variables = random_variables(module, x)
+  variables["cache"] = jax.tree.map(np.zeros_like, variables["cache"])
+  with jax.enable_x64(True):
+    out, cache = decode_steps(module, variables, x, [1, 2, 1])
+    full = linen.MultiHeadAttention(num_heads=2, rotary=True).apply(variables, x, is_causal=True)
+  np.testing.assert_allclose(out, full, **F32_TOL)
+  assert cache["cache_index"] == x.shape[-2]
 
 
 def test_decode_matches_flax_decode_and_its_cache():

@@ -75,6 +75,21 @@ def test_lengths_mask(q_lengths, kv_lengths, eager_and_jit):
     assert_mask_equal(got, want)
 
 
+def test_lengths_mask_refuses_negative_or_fractional_lengths():
+  with pytest.raises(ValueError, match=r"q_lengths must be non-negative, got \[2, -1\]"):
+    attnjax.lengths_mask(np.array([2, -1]), np.array([1, 1]), 3, 3)
+  with pytest.raises(ValueError, match="kv_lengths must be non-negative"):
+    attnjax.lengths_mask(1, -2, 3, 3)
+  with pytest.raises(TypeError, match="kv_lengths must be integers"):
+    attnjax.lengths_mask(1, 2.5, 3, 3)
+  with pytest.raises(ValueError, match="q_len must be a non-negative int"):
+    attnjax.lengths_mask(1, 1, -3, 3)
+  # Traced lengths cannot be checked; in range they give the loop's mask.
+  want = loop_mask((2,), 3, 3, lambda b, i, j: i < [1, 3][b[0]] and j < [2, 0][b[0]])
+  traced = jax.jit(attnjax.lengths_mask, static_argnums=(2, 3))
+  assert_mask_equal(traced(np.array([1, 3]), np.array([2, 0]), 3, 3), want)
+
+
 @pytest.mark.parametrize("leading", [(), (2,)])
 def test_segment_mask(leading, eager_and_jit):
   rng = np.random.default_rng(1)
@@ -108,6 +123,14 @@ def test_sliding_window_mask_errors_name_its_window_argument(window, problem):
     attnjax.sliding_window_mask(4, 4, window)
   with pytest.raises(ValueError, match=rf"^local_window_size must be {problem}"):
     attnjax.dot_product_attention(*[np.ones((4, 1, 2), np.float32)] * 3, local_window_size=window)
+
+
+def test_sliding_window_mask_takes_concrete_but_not_traced_jax_windows():
+  want = loop_mask(None, 4, 5, lambda _, i, j: i - 2 <= j <= i + 1)
+  assert_mask_equal(attnjax.sliding_window_mask(4, 5, (jnp.asarray(2), jnp.asarray(1))), want)
+  assert_mask_equal(attnjax.sliding_window_mask(4, 5, jnp.asarray([2, 1])), want)
+  with pytest.raises(ValueError, match="local_window_size must be static"):
+    jax.jit(lambda w: attnjax.sliding_window_mask(4, 5, w))(jnp.asarray(1))
 
 
 def test_combine_masks(eager_and_jit):

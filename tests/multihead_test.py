@@ -334,19 +334,23 @@ def test_head_count_checks_and_bad_widths_raise():
     attnjax.multi_head_attention(params, jnp.ones((3, 7)))
   with pytest.raises(ValueError, match="num_kv_heads"):
     attnjax.init_multi_head_attention(jax.random.key(0), 8, 4, 2, num_kv_heads=3)
+  with pytest.raises(ValueError, match="num_kv_heads=0"):
+    attnjax.init_multi_head_attention(jax.random.key(0), 8, 4, 2, num_kv_heads=0)
 
 
 def rotary_by_hand(params, x_q, x_kv, q_pos, k_pos, max_timescale):
   """Projects, rotates with `apply_rotary`, then attends with plain einsums (no masks)."""
-  p = params
-  q = jnp.einsum("...td,dnh->...tnh", x_q, p["query"]["kernel"]) + p["query"]["bias"]
-  k = jnp.einsum("...sd,dnh->...snh", x_kv, p["key"]["kernel"]) + p["key"]["bias"]
-  v = jnp.einsum("...sd,dnh->...snh", x_kv, p["value"]["kernel"]) + p["value"]["bias"]
+  def project(name, x):
+    y = jnp.einsum("...ld,dnh->...lnh", x, params[name]["kernel"])
+    return y + jnp.broadcast_to(params[name]["bias"], y.shape)
+
+  q, k, v = project("query", x_q), project("key", x_kv), project("value", x_kv)
   q = attnjax.apply_rotary(q, q_pos, max_timescale=max_timescale)
   k = attnjax.apply_rotary(k, k_pos, max_timescale=max_timescale)
   logits = jnp.einsum("...tnh,...snh->...nts", q, k) / np.sqrt(q.shape[-1])
   heads = jnp.einsum("...nts,...snh->...tnh", jax.nn.softmax(logits, axis=-1), v)
-  return jnp.einsum("...tnh,nhd->...td", heads, p["out"]["kernel"]) + p["out"]["bias"]
+  out = jnp.einsum("...tnh,nhd->...td", heads, params["out"]["kernel"])
+  return out + jnp.broadcast_to(params["out"]["bias"], out.shape)
 
 
 @pytest.mark.parametrize("cross,explicit_positions", [(False, False), (True, True)])
@@ -413,6 +417,16 @@ def test_cached_decoding_equals_full_causal_attention(case):
   assert not np.any(cache["key"][..., L:, :, :]) and not np.any(cache["value"][..., L:, :, :])
 
 
+def test_cached_decoding_under_x64_equals_full_causal_attention():
+  params = random_params(0, 8, 2, 4)
+  x = normal(1, (2, 5, 8))
+  with jax.enable_x64(True):  # Python ints become int64 there; the cache index is int32.
+    full = jax.jit(functools.partial(attnjax.multi_head_attention, is_causal=True, rotary=True))
+    out, cache = decode(params, x, [2, 1, 2], 6, rotary=True)
+    np.testing.assert_allclose(out, full(params, x), **F32_TOL)
+    assert cache["index"].dtype == jnp.int32
+
+
 def test_cached_decoding_returns_weights_over_the_cache():
   params = random_params(0, 8, 2, 4)
   x = normal(1, (6, 8))
@@ -443,6 +457,8 @@ def test_cache_errors():
   with pytest.raises(ValueError, match="segment ids"):
     ids = jnp.zeros((2, 1), jnp.int32)
     attnjax.multi_head_attention(params, x, cache=cache, q_segment_ids=ids, kv_segment_ids=ids)
+  with pytest.raises(ValueError, match="max_length must be a non-negative int, got -1"):
+    attnjax.init_kv_cache((2,), -1, 2, 4)
   _, full = attnjax.multi_head_attention(params, jnp.ones((2, 5, 8)), cache=cache)
   with pytest.raises(ValueError, match="5 are filled and 2 more do not fit"):
     attnjax.multi_head_attention(params, jnp.ones((2, 2, 8)), cache=full)

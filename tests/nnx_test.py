@@ -258,6 +258,19 @@ def test_decode_in_chunks_equals_full_causal_attention():
   np.testing.assert_allclose(np.concatenate(outs, axis=1), full(params, x), **F32_TOL)
 
 
+def test_decode_under_x64_equals_full_causal_attention():
+  x = normal(0, (2, 4, 8))
+  module, params = random_module(
+      lambda: attn_nnx.MultiHeadAttention(8, 2, decode=True, rngs=nnx.Rngs(0)))
+  module.init_cache(x.shape)
+  with jax.enable_x64(True):
+    step = nnx.jit(lambda m, x: m(x))
+    outs = [step(module, x[:, start:stop]) for start, stop in ((0, 1), (1, 3), (3, 4))]
+    full = attnjax.multi_head_attention(params, x, is_causal=True)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), full, **F32_TOL)
+  assert module.cache_index[...] == x.shape[1]
+
+
 def test_decode_in_bfloat16_keeps_a_bfloat16_cache():
   x = normal(0, (2, 3, 8))
   module = attn_nnx.MultiHeadAttention(8, 2, dtype=jnp.bfloat16, decode=True, rngs=nnx.Rngs(0))
@@ -295,6 +308,13 @@ def test_head_dim_default_needs_divisible_width():
   module = nnx.eval_shape(lambda: attn_nnx.MultiHeadAttention(8, 3, head_dim=5,
                                                               rngs=nnx.Rngs(0)))
   assert module.query.kernel.shape == (8, 3, 5)
+
+
+def test_bad_head_counts_and_dropout_rates_are_refused_at_construction():
+  with pytest.raises(ValueError, match="num_heads=4 and num_kv_heads=3"):
+    attn_nnx.MultiHeadAttention(8, 4, num_kv_heads=3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="dropout_rate must be in"):
+    attn_nnx.MultiHeadAttention(8, 4, dropout_rate=-0.1, rngs=nnx.Rngs(0))
 
 
 def sinusoids(positions, layout, dim=8, max_timescale=100.0):

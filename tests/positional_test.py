@@ -93,6 +93,21 @@ def test_sinusoidal_dtype_and_errors():
     attnjax.sinusoidal_position_encoding(4, 6, layout="bogus")
 
 
+def test_sinusoidal_accepts_numpy_integer_sizes():
+  got = attnjax.sinusoidal_position_encoding(np.int64(5), np.int32(6))
+  np.testing.assert_allclose(got, naive_sinusoidal(np.arange(5), 6, 10_000.0, "interleaved"),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_timescale", [0.0, -10.0])
+def test_non_positive_max_timescale_is_refused(max_timescale):
+  with pytest.raises(ValueError, match="max_timescale must be positive"):
+    attnjax.sinusoidal_position_encoding(4, 6, max_timescale=max_timescale)
+  with pytest.raises(ValueError, match="max_timescale must be positive"):
+    attnjax.apply_rotary(np.ones((3, 2, 4), np.float32), np.arange(3),
+                         max_timescale=max_timescale)
+
+
 ROTARY_CASES = {
   "half_int_positions_no_batch": ((5, 2, 8), np.arange(5), 10_000.0, "half"),
   "interleaved_int_positions_no_batch": ((5, 2, 8), np.arange(5), 10_000.0, "interleaved"),
@@ -140,6 +155,8 @@ def test_rotary_errors():
     attnjax.apply_rotary(np.zeros((3, 2, 5), np.float32), np.arange(3))
   with pytest.raises(ValueError, match="layout"):
     attnjax.apply_rotary(np.zeros((3, 2, 4), np.float32), np.arange(3), layout="bogus")
+  with pytest.raises(TypeError, match="x must be floating point.*int32"):
+    attnjax.apply_rotary(np.ones((3, 2, 4), np.int32), np.arange(3))
 
 
 _H = 8

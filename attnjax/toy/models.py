@@ -121,7 +121,8 @@ class Embed(nn.Module):
         if not self.is_initializing():
           positions = positions + counter.value
           counter.value = counter.value + length
-      x = x + positional.sinusoidal_position_encoding(positions, cfg.d_model)
+      pe = positional.sinusoidal_position_encoding(positions, cfg.d_model)
+      x = x + jnp.broadcast_to(pe, x.shape)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
   def setup(self):
@@ -149,7 +150,8 @@ class LayerNorm(nn.Module):
     h = x.astype(jnp.float32)
     h = h - h.mean(axis=-1, keepdims=True)
     h = h * jax.lax.rsqrt((h * h).mean(axis=-1, keepdims=True) + self.epsilon)
-    return (h * scale + bias).astype(x.dtype)
+    per_feature = (1,) * (h.ndim - 1) + (d,)  # Explicit broadcasting over the leading dims.
+    return (h * scale.reshape(per_feature) + bias.reshape(per_feature)).astype(x.dtype)
 
 
 class Mlp(nn.Module):

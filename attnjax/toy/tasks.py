@@ -148,11 +148,11 @@ class Task:
       return _associative_recall(key, n_B, self)
     x_BS = jax.random.randint(
         key, (batch_size, self.max_length), NUM_RESERVED, NUM_RESERVED + self.num_symbols)
-    j_S = jnp.arange(self.max_length)
+    j_S = jnp.arange(self.max_length)[None, :]
     inputs = jnp.where(j_S < n_B[:, None], x_BS, PAD)
-    j_T = jnp.arange(self.target_len)
+    j_T = jnp.arange(self.target_len)[None, :]
     if self.name == "copy":
-      src_BT = j_T[None, :]
+      src_BT = j_T
     elif self.name == "reverse":
       src_BT = n_B[:, None] - 1 - j_T
     else:  # duplicate
@@ -182,7 +182,7 @@ def _associative_recall(key: Array, n_B: Array, task: Task) -> dict[str, Array]:
   values_BP = jax.random.randint(
       value_key, (batch_size, P), NUM_RESERVED + half, NUM_RESERVED + task.num_symbols)
   # Queried pairs: a random order of the n present pairs, first min(n, Q) of them.
-  j_P = jnp.arange(P)
+  j_P = jnp.arange(P)[None, :]
   order_BP = jnp.argsort(
       jax.random.uniform(query_key, (batch_size, P)) + (j_P >= n_B[:, None]), axis=1)[:, :Q]
   q_B = jnp.minimum(n_B, Q)
