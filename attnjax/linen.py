@@ -147,8 +147,10 @@ class MultiHeadAttention(nn.Module):
       inputs_k: ``[..., S, Dkv]``; defaults to ``inputs_q`` (self-attention), as in Flax.
       inputs_v: ``[..., S, Dv]``; defaults to ``inputs_k``.
       inputs_kv: the older spelling of ``inputs_k`` and ``inputs_v`` both.
-      mask, bias, is_causal, q_segment_ids, kv_segment_ids, local_window_size,
-      query_positions, key_positions: as in :func:`attnjax.multi_head_attention`.
+      mask, bias, is_causal, q_segment_ids, kv_segment_ids: as in
+        :func:`attnjax.multi_head_attention`.
+      local_window_size, query_positions, key_positions: as in
+        :func:`attnjax.multi_head_attention`.
       deterministic: disables dropout; merged with the module's ``deterministic``.
       dropout_rng: a ``jax.random.key`` for dropout; defaults to the ``"dropout"`` rng.
       sow_weights: sow the attention weights ``[..., N, T, S]`` into the

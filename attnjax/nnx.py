@@ -201,8 +201,10 @@ class MultiHeadAttention(nnx.Module):
       inputs_k: ``[..., S, Dkv]``; defaults to ``inputs_q`` (self-attention), as in Flax.
       inputs_v: ``[..., S, Dkv]``; defaults to ``inputs_k``.
       inputs_kv: the older spelling of ``inputs_k`` and ``inputs_v`` both.
-      mask, bias, is_causal, q_segment_ids, kv_segment_ids, local_window_size,
-      query_positions, key_positions: as in :func:`attnjax.multi_head_attention`.
+      mask, bias, is_causal, q_segment_ids, kv_segment_ids: as in
+        :func:`attnjax.multi_head_attention`.
+      local_window_size, query_positions, key_positions: as in
+        :func:`attnjax.multi_head_attention`.
       deterministic: disables dropout; overrides the module's ``deterministic``.
       rngs: ``nnx.Rngs`` (its ``"dropout"`` stream) or an ``nnx.RngStream`` for dropout;
         defaults to the stream kept at construction (see ``keep_rngs``).

@@ -7,6 +7,7 @@ text becomes a link to the reference.
 """
 
 import importlib
+import inspect
 import pathlib
 import re
 import sys
@@ -105,8 +106,13 @@ def _clean_signature(app, what, name, obj, options, signature, return_annotation
 
 def _skip_foreign_attributes(app, what, name, obj, skip, options):
   """Skips class attributes whose values come from elsewhere (a dataclass field defaulting
-  to ``jnp.float32`` or an initialiser): their docstrings are not about attnjax."""
+  to ``jnp.float32`` or an initialiser): their docstrings are not about attnjax. Also skips
+  a field whose default is a function under another name (``attention_fn`` defaulting to
+  ``dot_product_attention``): it is documented where it is defined, and the field in the
+  class's ``Attributes``."""
   if what == "class" and not getattr(obj, "__module__", "attnjax").startswith("attnjax"):
+    return True
+  if what == "class" and inspect.isroutine(obj) and getattr(obj, "__name__", name) != name:
     return True
   return None
 
