@@ -435,7 +435,8 @@ def _layer_norm(x: Array, scale: Array, dtype: DTypeLike) -> Array:
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mean = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.maximum(0.0, jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean)
-  return ((x - mean) * (jax.lax.rsqrt(var + LAYER_NORM_EPSILON) * scale)).astype(dtype)
+  inv = jax.lax.rsqrt(var + LAYER_NORM_EPSILON)
+  return ((x - mean) * (inv * jnp.broadcast_to(scale, inv.shape[:-1] + scale.shape))).astype(dtype)
 
 
 def _write(cached: Array, new: Array, index: Array) -> Array:
