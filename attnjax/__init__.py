@@ -4,7 +4,7 @@ Pure functions for scaled dot-product attention, masks and position encodings; t
 modules in ``attnjax.linen`` and ``attnjax.nnx``.
 """
 
-from attnjax import blockwise, masks, positional
+from attnjax import blockwise, masks, positional, score_mods
 from attnjax.attention import attention_weights, dot_product_attention, merge_attention
 from attnjax.masks import (
     causal_mask,
@@ -34,6 +34,7 @@ __all__ = [
     "multi_head_attention",
     "padding_mask",
     "positional",
+    "score_mods",
     "segment_mask",
     "sinusoidal_position_encoding",
     "sliding_window_mask",
