@@ -243,6 +243,13 @@ def test_fire_matches_loop(grid):
                      atol=1e-5)
 
 
+def test_fire_zero_threshold_stays_finite_at_the_origin():
+  # L = 0: query 0's denominator psi(0) is 0 and only eps keeps psi(0) / (psi(0) + eps) = 0.
+  mod = dataclasses.replace(fire_params(2), threshold_multiplier=jnp.float32(0.0))
+  check_against_loop(mod, 1, 2, np.arange(3), np.arange(3), naive_bias(mod), rtol=1e-5,
+                     atol=1e-5)
+
+
 def test_init_fire_defaults_and_ranges():
   mod = score_mods.init_fire(jax.random.key(0), 6)
   # Li et al. 2024, appendix code: width 32, c = 0.1, L = 512 (multiplier 1), eps = 1e-6.
