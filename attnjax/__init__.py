@@ -9,7 +9,7 @@ never imports Flax.
 import importlib
 from typing import TYPE_CHECKING
 
-from attnjax import blockwise, masks, positional
+from attnjax import blockwise, masks, positional, score_mods
 from attnjax.attention import attention_weights, dot_product_attention, merge_attention
 from attnjax.masks import (
     causal_mask,
@@ -47,6 +47,7 @@ __all__ = [
     "multi_head_attention",
     "padding_mask",
     "positional",
+    "score_mods",
     "segment_mask",
     "sinusoidal_position_encoding",
     "sliding_window_mask",
