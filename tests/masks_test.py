@@ -129,7 +129,7 @@ def test_sliding_window_mask_takes_concrete_but_not_traced_jax_windows():
   want = loop_mask(None, 4, 5, lambda _, i, j: i - 2 <= j <= i + 1)
   assert_mask_equal(attnjax.sliding_window_mask(4, 5, (jnp.asarray(2), jnp.asarray(1))), want)
   assert_mask_equal(attnjax.sliding_window_mask(4, 5, jnp.asarray([2, 1])), want)
-  with pytest.raises(ValueError, match="local_window_size must be static"):
+  with pytest.raises(ValueError, match="^window must be static"):
     jax.jit(lambda w: attnjax.sliding_window_mask(4, 5, w))(jnp.asarray(1))
 
 
