@@ -12,6 +12,7 @@ fresh Python process that runs one case, plus XLA's temp-buffer size for the com
 
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -261,6 +262,25 @@ def plot(sweep_rows: list[dict], path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
+def machine() -> dict:
+  """The machine and library versions the figures were measured with."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  try:
+    import torch  # noqa: PLC0415
+    torch_version = torch.__version__
+  except ImportError:
+    torch_version = None
+  import flax  # noqa: PLC0415
+  return dict(cpu=cpu, cores=os.cpu_count(), device=jax.devices()[0].device_kind,
+              python=platform.python_version(), jax=jax.__version__, flax=flax.__version__,
+              torch=torch_version, load_average=os.getloadavg()[0])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -268,10 +288,9 @@ def main(argv):
   if _CHILD.value:
     print(json.dumps(measure_child(json.loads(_CHILD.value))))
     return
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch: "
-        f"{'yes' if attention_fn('torch', HEADLINE) else 'not installed, skipped'}")
-  results = dict(shapes=benchmark_shapes([HEADLINE] if _QUICK.value else SHAPES,
-                                         _REPEATS.value))
+  results = dict(machine=machine())
+  print(json.dumps(results["machine"]))
+  results["shapes"] = benchmark_shapes([HEADLINE] if _QUICK.value else SHAPES, _REPEATS.value)
   results["headline_memory"] = {
       impl: measure_memory(impl, HEADLINE, "fwd+bwd")
       for impl in ("attnjax:xla", "attnjax:blockwise", "jax.nn")}
