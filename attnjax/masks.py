@@ -198,8 +198,8 @@ def clamp_window(window: tuple[int, int] | None, q_len: int, kv_len: int,
   ``right >= kv_len - 1`` hide no key (nor does ``right`` under causality), so users may pass
   ``2**31 - 1`` or ``sys.maxsize`` without overflowing int32 position arithmetic.
   """
-  if window is None:
-    return None
+  if window is None or not all(isinstance(n, (int, np.integer)) for n in (q_len, kv_len)):
+    return window  # (Symbolic lengths: no cut.)
   left = min(window[0], max(q_len - 1, 0))
   right = min(window[1], max(kv_len - 1, 0))
   if left >= q_len - 1 and (right >= kv_len - 1 or is_causal):
@@ -331,6 +331,8 @@ class LocalWindow(Mask):
 
   def canonical(self, batch_shape, num_heads, q_len, kv_len):
     # Sides longer than the sequence hide nothing; cutting them keeps int32 from overflowing.
+    if not all(isinstance(n, (int, np.integer)) for n in (q_len, kv_len)):
+      return self  # Symbolic lengths (shape-polymorphic export): no cut.
     return LocalWindow(min(self.left, max(q_len, 1)), min(self.right, max(kv_len, 1)))
 
   def block_grid(self, q_len, kv_len, block_q, block_k, static_only=False):
@@ -380,7 +382,8 @@ class _DataMask(Mask):
       if x.shape != want:
         raise ValueError(f"{type(self).__name__}.{name} must have shape {want} (batch dims"
                          f"{' + length' if tail else ''}), got {x.shape}")
-      changes[name] = x.reshape((-1,) + x.shape[len(batch_shape):]).astype(jnp.int32)
+      flat = (math.prod(batch_shape),) + x.shape[len(batch_shape):]  # not -1: B may be 0
+      changes[name] = x.reshape(flat).astype(jnp.int32)
     return dataclasses.replace(self, **changes)
 
 
@@ -444,8 +447,8 @@ class Lengths(_DataMask):
     return {"q_lengths": (self.q_lengths, ""), "kv_lengths": (self.kv_lengths, "")}
 
   def __call__(self, batch, head, q_idx, kv_idx):
-    q_len = self.q_lengths.reshape(-1, 1, 1, 1)
-    kv_len = self.kv_lengths.reshape(-1, 1, 1, 1)
+    q_len = self.q_lengths.reshape(self.q_lengths.shape + (1, 1, 1))
+    kv_len = self.kv_lengths.reshape(self.kv_lengths.shape + (1, 1, 1))
     return (q_idx < q_len) & (kv_idx < kv_len)
 
   def block_grid(self, q_len, kv_len, block_q, block_k, static_only=False):
@@ -471,7 +474,8 @@ class PrefixLM(_DataMask):
     return {"prefix_lengths": (self.prefix_lengths, "")}
 
   def __call__(self, batch, head, q_idx, kv_idx):
-    return (kv_idx <= q_idx) | (kv_idx < self.prefix_lengths.reshape(-1, 1, 1, 1))
+    prefix = self.prefix_lengths.reshape(self.prefix_lengths.shape + (1, 1, 1))
+    return (kv_idx <= q_idx) | (kv_idx < prefix)
 
   def block_grid(self, q_len, kv_len, block_q, block_k, static_only=False):
     causal_empty, causal_full = Causal().block_grid(q_len, kv_len, block_q, block_k)
