@@ -11,8 +11,8 @@ Result (2-core CPU, one device), not reliable across machines: on another machin
 kind the default seed ended at exact match 0.596 (token accuracy 0.83; 2 min 18 s) and seed 1
 at 1.000, because trajectories differ with floating-point reductions and this recipe sits at
 the edge of its plateau. On the machine it was tuned on: greedy exact match 1.000 on 1,000
-held-out sequences of 2-4 pairs (token accuracy 1.000; 21% of them also occur in the training stream, and the
-exact match on the other 79% is 1.000). Held-out exact match every 1,000 steps: 0.28, 0.44,
+held-out sequences of 2-4 pairs (token accuracy 1.000; 21% of them also occur in the
+training stream, and the exact match on the other 79% is 1.000). Held-out exact match every 1,000 steps: 0.28, 0.44,
 0.55, 0.996, 1.0, 1.0 (the plateau breaks between steps 3,000 and 4,000). At 2x (8 pairs)
 exact match 0.688 (token accuracy 0.890); at 4x (16 pairs) 0.048 (token accuracy 0.463).
 105 s of wall time (load average about 3). Seed 1 also reaches 1.000 (0.849 at 2x, 0.097 at
