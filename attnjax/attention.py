@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, get_args
 
 import jax
@@ -53,6 +53,8 @@ class _Canonical(NamedTuple):
   batch_shape: tuple[int, ...]
   scale: Any
   logits_soft_cap: float | None
+  score_mod: Callable | None = None  # fn(score, batch, head, q_idx, kv_idx) -> score
+  sinks: Array | None = None  # float32 [N]
 
 
 def dot_product_attention(
@@ -75,19 +77,24 @@ def dot_product_attention(
     implementation: Implementation | None = None,
     block_sizes: tuple[int, int] | None = None,
     precision: jax.lax.PrecisionLike = None,
+    score_mod: Callable | None = None,
+    sinks: ArrayLike | None = None,
 ) -> Array | tuple[Array, ...]:
   """Scaled dot-product attention, ``softmax(scale * q k^T + bias) v`` over visible keys.
 
-  The logits are ``scale * q.k``, plus ``bias``, then soft-capped (``c * tanh(x / c)``) if
-  ``logits_soft_cap`` is given; then every mask applies (``mask``, ``is_causal``,
-  ``local_window_size`` and segment ids combine with AND) and the softmax runs over keys.
+  The logits are ``scale * q.k``, modified by ``score_mod`` if given, plus ``bias``, then
+  soft-capped (``c * tanh(x / c)``) if ``logits_soft_cap`` is given; then every mask applies
+  (``mask``, ``is_causal``, ``local_window_size`` and segment ids combine with AND) and the
+  softmax runs over the visible keys and, if given, the head's sink.
 
   Args:
     query: ``[..., T, N, H]``.
     key: ``[..., S, K, H]`` with N a multiple of K (K = N: multi-head; K = 1: multi-query).
     value: ``[..., S, K, H]``.
     bias: float, broadcastable to ``[..., N, T, S]``, added to the logits.
-    mask: bool, broadcastable to ``[..., N, T, S]``, True = attend.
+    mask: a mask object (:mod:`attnjax.masks`: ``Causal``, ``LocalWindow``, ``Chunked``,
+      ``PrefixLM``, ``Segments``, ``Lengths``, ``MaskFn`` and their ``&``, ``|``, ``~``) or a
+      bool array broadcastable to ``[..., N, T, S]``, True = attend.
     is_causal: key j is visible to query i iff ``j <= i`` (top-left aligned when T != S; for
       decoding with an offset pass ``masks.causal_mask(T, S, offset=...)`` as ``mask``).
     scale: logit scale, ``1 / sqrt(H)`` by default.
@@ -120,6 +127,19 @@ def dot_product_attention(
     precision: ``jax.lax.Precision`` of the two einsums (``q.k`` and ``weights.v``), as in
       ``jax.lax.dot_general``; honoured by ``"xla"`` only, so ``None`` picks ``"xla"`` when
       it is given.
+    score_mod: ``fn(score, batch, head, q_idx, kv_idx) -> score`` (FlexAttention's
+      signature), elementwise on the float32 scaled logits before the bias and the masks. It
+      is called with broadcastable arrays of one rank: score ``[B, N, T, S]`` (on the
+      blockwise path a block of it), int32 indices batch ``[B, 1, 1, 1]`` (the flattened
+      batch index), head ``[1, N, 1, 1]`` (the query head), q_idx ``[1, 1, T, 1]`` and kv_idx
+      ``[1, 1, 1, S]`` (absolute positions), and must return an array of the score's shape
+      and dtype. Arrays it closes over or holds as pytree leaves get gradients on every
+      implementation (the blockwise path sums them block by block, never forming
+      ``[N, T, S]``). Ready-made ones are in :mod:`attnjax.score_mods`.
+    sinks: float ``[N]``, a per-head logit that joins every row's softmax denominator
+      without a value (attention sinks, as in gpt-oss): the weights of a row then sum to
+      ``1 - exp(sink - lse)``, and ``lse`` includes the sink (a row with no visible key gets
+      zeros and ``lse = sink``). Differentiable.
 
   Returns:
     ``out [..., T, N, H]`` in the input dtype; with ``return_weights`` and/or ``return_lse``
@@ -132,7 +152,7 @@ def dot_product_attention(
       ``local_window_size``, ``logits_soft_cap`` or ``dropout_rate`` (they must be static).
   """
   c = _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_size,
-                    q_segment_ids, kv_segment_ids, logits_soft_cap)
+                    q_segment_ids, kv_segment_ids, logits_soft_cap, score_mod, sinks)
   _check_static("dropout_rate", dropout_rate, "float")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
@@ -163,7 +183,7 @@ def dot_product_attention(
     out, lse = blockwise.blockwise_attention(
         c.q, c.k, c.v, c.bias, c.mask, scale=c.scale, is_causal=False, window=None,
         q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=c.logits_soft_cap,
-        block_q=block_q, block_k=block_k)
+        block_q=block_q, block_k=block_k, score_mod=c.score_mod, sinks=c.sinks)
     weights = None
 
   batch = c.batch_shape
@@ -188,22 +208,25 @@ def attention_weights(
     q_segment_ids: ArrayLike | None = None,
     kv_segment_ids: ArrayLike | None = None,
     logits_soft_cap: float | None = None,
+    score_mod: Callable | None = None,
+    sinks: ArrayLike | None = None,
 ) -> Array:
   """Attention probabilities, the "saliency map" of each query over the keys.
 
-  Takes the masking arguments of :func:`dot_product_attention` and computes the same weights.
+  Takes the masking arguments of :func:`dot_product_attention` (and its ``score_mod`` and
+  ``sinks``) and computes the same weights.
 
   Args:
     query: ``[..., T, N, H]``.
     key: ``[..., S, K, H]``.
 
   Returns:
-    float32 ``[..., N, T, S]``; each row sums to 1 over its visible keys, or is all zeros
-    when no key is visible.
+    float32 ``[..., N, T, S]``; each row sums to 1 over its visible keys (less the sink's
+    share with ``sinks``), or is all zeros when no key is visible.
   """
   key = jnp.asarray(key)
   c = _canonicalize(query, key, key, bias, mask, is_causal, scale, local_window_size,
-                    q_segment_ids, kv_segment_ids, logits_soft_cap)
+                    q_segment_ids, kv_segment_ids, logits_soft_cap, score_mod, sinks)
   probs, _, bad = _probabilities(c)
   probs = _poison(probs, bad[..., None])
   return probs.reshape(c.batch_shape + probs.shape[1:])
@@ -316,6 +339,8 @@ def _probabilities(c: _Canonical, precision: jax.lax.PrecisionLike = None):
   finite = (jnp.moveaxis(finite_q, 1, 3)[..., None]
             & jnp.swapaxes(finite_kv, 1, 2)[:, :, None, None, :])
   logits = jnp.where(finite, logits, jnp.nan).reshape(B, N, T, S) * c.scale
+  if c.score_mod is not None:
+    logits = c.score_mod(logits, *_indices(B, N, T, S))
   if c.bias is not None:
     logits = logits + c.bias
   if c.logits_soft_cap is not None:
@@ -330,9 +355,23 @@ def _probabilities(c: _Canonical, precision: jax.lax.PrecisionLike = None):
   # A row whose logits are all masked ones sees no key: its weights are 0, its lse -inf.
   # (jax.nn.softmax keeps only its output for the backward pass.)
   empty = jnp.all(logits <= MASK_VALUE / 2, axis=-1)
-  probs = jnp.where(empty[..., None], 0.0, jax.nn.softmax(logits, axis=-1))
-  lse = jnp.where(empty, -jnp.inf, jax.nn.logsumexp(logits, axis=-1))
+  if c.sinks is None:
+    probs = jnp.where(empty[..., None], 0.0, jax.nn.softmax(logits, axis=-1))
+    lse = jnp.where(empty, -jnp.inf, jax.nn.logsumexp(logits, axis=-1))
+    return probs, lse, bad
+  # The sink joins the denominator: lse = log(exp(sink) + sum_j exp(logit_j)).
+  sinks = jnp.broadcast_to(c.sinks[:, None], (B, N, T))
+  lse = jnp.where(empty, sinks, jnp.logaddexp(jax.nn.logsumexp(logits, axis=-1), sinks))
+  safe = jnp.where(empty | jnp.isneginf(lse), 0.0, lse)
+  probs = jnp.where(empty[..., None], 0.0, jnp.exp(logits - safe[..., None]))
   return probs, lse, bad
+
+
+def _indices(B: int, N: int, T: int, S: int) -> tuple[Array, ...]:
+  """Broadcastable int32 (batch, head, q_idx, kv_idx) index arrays of a [B, N, T, S] grid."""
+  index = functools.partial(jnp.arange, dtype=jnp.int32)
+  return (index(B).reshape(B, 1, 1, 1), index(N).reshape(1, N, 1, 1),
+          index(T).reshape(1, 1, T, 1), index(S).reshape(1, 1, 1, S))
 
 
 def _visibility(c: _Canonical) -> Array | None:
@@ -340,15 +379,13 @@ def _visibility(c: _Canonical) -> Array | None:
   if c.mask is None:
     return None
   B, T, N, _ = c.q.shape
-  S = c.k.shape[1]
-  index = functools.partial(jnp.arange, dtype=jnp.int32)
-  visible = c.mask(index(B).reshape(B, 1, 1, 1), index(N).reshape(1, N, 1, 1),
-                   index(T).reshape(1, 1, T, 1), index(S).reshape(1, 1, 1, S))
+  visible = c.mask(*_indices(B, N, T, c.k.shape[1]))
   return visible.reshape((1,) * (4 - visible.ndim) + visible.shape)
 
 
 def _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_size,
-                  q_segment_ids, kv_segment_ids, logits_soft_cap) -> _Canonical:
+                  q_segment_ids, kv_segment_ids, logits_soft_cap, score_mod=None,
+                  sinks=None) -> _Canonical:
   """Validates the arguments at trace time and flattens the batch dims."""
   q, k, v = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
   for name, x in (("query", q), ("key", k), ("value", v)):
@@ -413,10 +450,37 @@ def _canonicalize(query, key, value, bias, mask, is_causal, scale, local_window_
     logits_soft_cap = None
 
   B = math.prod(batch)
+  if score_mod is not None:
+    _check_score_mod(score_mod, B, N, T, S)
+  if sinks is not None:
+    sinks = jnp.asarray(sinks)
+    if not jnp.issubdtype(sinks.dtype, jnp.floating):
+      raise TypeError(f"sinks must be floating point, got dtype {sinks.dtype}")
+    if sinks.shape != (N,):
+      raise ValueError(f"sinks must have shape [num_heads] = ({N},) (one logit per query "
+                       f"head), got {sinks.shape}")
+    sinks = sinks.astype(jnp.float32)
   return _Canonical(
       q=q.reshape(B, T, N, H), k=k.reshape(B, S, K, H), v=v.reshape(B, S, K, H),
       bias=bias, mask=mask, batch_shape=batch, scale=scale,
-      logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
+      logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+      score_mod=score_mod, sinks=sinks)
+
+
+def _check_score_mod(score_mod: Any, B: int, N: int, T: int, S: int) -> None:
+  """Checks at trace time that score_mod maps float32 [B, N, T, S] scores to the same."""
+  if not callable(score_mod):
+    raise TypeError(f"score_mod must be a callable fn(score, batch, head, q_idx, kv_idx), "
+                    f"got {type(score_mod).__name__}")
+  score = jax.ShapeDtypeStruct((B, N, T, S), jnp.float32)
+  indices = [jax.ShapeDtypeStruct(shape, jnp.int32) for shape in
+             ((B, 1, 1, 1), (1, N, 1, 1), (1, 1, T, 1), (1, 1, 1, S))]
+  out = jax.eval_shape(score_mod, score, *indices)
+  if not hasattr(out, "shape") or out.shape != score.shape or out.dtype != score.dtype:
+    got = (f"shape {out.shape} and dtype {out.dtype}" if hasattr(out, "shape")
+           else type(out).__name__)
+    raise ValueError(f"score_mod must return the score's shape {score.shape} and dtype "
+                     f"float32 (it is elementwise), got {got}")
 
 
 def _check_static(name: str, value: Any, kind: str) -> None:

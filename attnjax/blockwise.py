@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +94,8 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None,
                         *, scale: float, is_causal: bool, window: tuple[int, int] | None,
                         q_segment_ids: Array | None, kv_segment_ids: Array | None,
                         logits_soft_cap: float | None, block_q: int | None = None,
-                        block_k: int | None = None) -> tuple[Array, Array]:
+                        block_k: int | None = None, score_mod: Callable | None = None,
+                        sinks: Array | None = None) -> tuple[Array, Array]:
   """Scaled dot-product attention computed block by block, on canonical inputs.
 
   Most callers want ``attnjax.dot_product_attention(..., implementation="blockwise")``, which
@@ -116,10 +118,17 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None,
     block_q: queries per block; default from :func:`default_block_sizes` (a symbolic batch
       size B, as in shape-polymorphic ``jax.export``, counts as 1 there).
     block_k: keys per block; default from :func:`default_block_sizes`.
+    score_mod: None or ``fn(score, batch, head, q_idx, kv_idx) -> score``, applied to each
+      block of scaled logits (float32 ``[B, N, bq, bk]`` with broadcastable int32 indices)
+      before the bias. Arrays it closes over or holds as pytree leaves get gradients, summed
+      block by block.
+    sinks: None or float32 ``[N]``: a per-head logit that joins every row's softmax
+      denominator without a value.
 
   Returns:
     ``(out, lse)``: out ``[B, T, N, H]`` in q's dtype, and the float32 log-sum-exp of the
-    visible logits ``[B, N, T]``, -inf for a query with no visible key.
+    visible logits (and the sink) ``[B, N, T]``, -inf for a query with no visible key and
+    no sink.
   """
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
@@ -135,7 +144,10 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None,
   bq = min(block_q or default_q, _next_pow2(T))
   bk = min(block_k or default_k, _next_pow2(S))
   if 0 in (B, T, N, S):
-    return jnp.zeros(q.shape, q.dtype), jnp.full((B, N, T), -jnp.inf, jnp.float32)
+    lse = jnp.full((B, N, T), -jnp.inf, jnp.float32)
+    if sinks is not None and 0 not in (B, T, N):  # No keys: only the sink.
+      lse = jnp.broadcast_to(sinks.astype(jnp.float32)[:, None], (B, N, T))
+    return jnp.zeros(q.shape, q.dtype), lse
   scale = float(scale)
   # Scaling each query block as it is cut out is cheaper than scaling every block of logits; in
   # float32, or when the scale is a power of two, it changes nothing beyond float32 rounding.
@@ -148,6 +160,10 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None,
                soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
                T=T, S=S, G=N // K, bq=bq, bk=bk, lanes=_default_lanes())
   plan = plan.with_grid(mask)
+  score_consts: tuple = ()
+  if score_mod is not None:
+    fns, score_consts = _ScoreFns.convert(score_mod, B, N, (bq, min(bq, bk)), bk)
+    plan = dataclasses.replace(plan, score_mod=fns)
   pad_t, pad_s = plan.nq * bq - T, plan.nk * bk - S
 
   # The caller's layout, padded to whole blocks: q [B, Tp, K, G, H], k and v [B, Sp, K, H].
@@ -155,7 +171,8 @@ def blockwise_attention(q: Array, k: Array, v: Array, bias: Array | None,
   q5 = _pad_axis(q, 1, pad_t).reshape(B, -1, K, plan.G, H)
   k4, v4 = _pad_axis(k, 1, pad_s), _pad_axis(v, 1, pad_s)
   extras = _Extras(bias=None if bias is None else _to_5d(bias, K, pad_t, pad_s, 0.0),
-                   mask=mask)
+                   mask=mask, score=score_consts,
+                   sinks=None if sinks is None else sinks.astype(jnp.float32).reshape(K, -1))
 
   out5, lse4 = _attend(plan, q5, k4, v4, extras)
   return out5.reshape(B, -1, N, H)[:, :T], lse4.reshape(B, N, -1)[:, :, :T]
@@ -180,9 +197,54 @@ def _next_pow2(n: int) -> int:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class _Extras:
-  """Optional per-logit inputs: bias [B|1, K|1, G|1, Tp|1, Sp|1] (padded) and the mask."""
+  """Optional inputs: bias [B|1, K|1, G|1, Tp|1, Sp|1] (padded), the mask, the arrays the
+  score modifier closes over (see :class:`_ScoreFns`) and sinks [K, G]."""
   bias: Array | None
   mask: masks_lib.Mask | None
+  score: tuple = ()
+  sinks: Array | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ScoreFns:
+  """A score modifier closure-converted for the block shapes of one plan: ``fns[bq]`` takes
+  ``(score [B, N, bq, bk], batch, head, q_idx, kv_idx, *consts)``, where ``consts`` are the
+  traced arrays the modifier closes over, passed explicitly so that the custom VJP returns
+  their gradients. Compared and hashed by identity, as a static part of the plan."""
+  fns: dict[int, Callable]
+
+  @staticmethod
+  def convert(score_mod: Callable, B: int, N: int, block_qs, bk: int):
+    """(_ScoreFns, consts) for query blocks of each size in ``block_qs`` and bk keys."""
+    def call(score, batch, head, q_idx, kv_idx):
+      return score_mod(score, batch, head, q_idx, kv_idx)
+
+    fns, consts = {}, None
+    for bq in sorted(set(block_qs)):
+      fn, found = jax.closure_convert(call, *_score_avals(B, N, bq, bk))
+      if consts is not None and [id(c) for c in found] != [id(c) for c in consts]:
+        raise ValueError("score_mod must read the same arrays whatever the block shape; it "
+                         f"read {len(consts)} and {len(found)} traced arrays for two shapes")
+      fns[bq], consts = fn, found
+    return _ScoreFns(fns), tuple(consts or ())
+
+  def __call__(self, s: Array, consts: tuple, i, j) -> Array:
+    """The modifier on block (i, j) of logits s [B, K, G, bq, bk]."""
+    B, K, G, bq, bk = s.shape
+    batch = lax.iota(jnp.int32, B).reshape(-1, 1, 1, 1)
+    head = lax.iota(jnp.int32, K * G).reshape(1, -1, 1, 1)
+    q_idx = (i * bq + lax.iota(jnp.int32, bq)).reshape(1, 1, -1, 1)
+    kv_idx = (j * bk + lax.iota(jnp.int32, bk)).reshape(1, 1, 1, -1)
+    out = self.fns[bq](s.reshape(B, K * G, bq, bk), batch, head, q_idx, kv_idx, *consts)
+    return out.reshape(s.shape)
+
+
+def _score_avals(B: int, N: int, bq: int, bk: int):
+  """Abstract arguments of a score modifier on a [B, N, bq, bk] block of logits."""
+  def index(shape):
+    return jax.ShapeDtypeStruct(shape, jnp.int32)
+  return (jax.ShapeDtypeStruct((B, N, bq, bk), jnp.float32), index((B, 1, 1, 1)),
+          index((1, N, 1, 1)), index((1, 1, bq, 1)), index((1, 1, 1, bk)))
 
 
 def _to_5d(x: Array, K: int, pad_t: int, pad_s: int, fill) -> Array:
@@ -209,6 +271,7 @@ class _Plan:
   bq: int
   bk: int
   lanes: int = 1
+  score_mod: _ScoreFns | None = None
   empty: tuple[tuple[bool, ...], ...] = ()
   full: tuple[tuple[bool, ...], ...] = ()
 
@@ -346,14 +409,23 @@ def _slice_blocks(plan: _Plan, ex: _Extras, i, j) -> _Extras:
   """The rows of query block i and columns of key block j of the per-logit inputs."""
   def rows_cols(x):
     return None if x is None else _block(_block(x, 3, i, plan.bq), 4, j, plan.bk)
-  return _Extras(bias=rows_cols(ex.bias), mask=ex.mask)
+  return dataclasses.replace(ex, bias=rows_cols(ex.bias))
 
 
-def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j):
-  """Hidden-masked float32 logits of block (i, j) [B, K, G, bq, bk], and tanh if soft-capped."""
+def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j,
+            pullback: bool = False):
+  """Hidden-masked float32 logits of block (i, j) [B, K, G, bq, bk], tanh if soft-capped, and
+  with ``pullback`` that of the score modifier (ds -> (ds, d consts)), else None."""
   s = jnp.einsum("bkgqh,bksh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32)
   if plan.scale != 1.0:
     s = s * plan.scale
+  mod_vjp = None
+  if plan.score_mod is not None:
+    mod = functools.partial(plan.score_mod, i=i, j=j)
+    if pullback:
+      s, mod_vjp = jax.vjp(mod, s, ex_blk.score)
+    else:
+      s = mod(s, ex_blk.score)
   if ex_blk.bias is not None:
     s = s + ex_blk.bias
   tanh = None
@@ -362,7 +434,7 @@ def _scores(plan: _Plan, q_blk: Array, k_blk: Array, ex_blk: _Extras, i, j):
     s = plan.soft_cap * tanh
   if plan.needs_mask(i, j):
     s = jnp.where(_visible(plan, ex_blk.mask, s.shape, i, j), s, _HIDDEN)
-  return s, tanh
+  return s, tanh, mod_vjp
 
 
 def _visible(plan: _Plan, mask: masks_lib.Mask | None, shape, i, j) -> Array:
@@ -495,15 +567,21 @@ def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
   kv_ok = jnp.all(jnp.isfinite(k4) & jnp.isfinite(v4), axis=-1)
   k_block, v_block = layout.keys(k4, valid=kv_ok), layout.keys(v4, finite=True)
 
+  # A sink is a logit without a value: the running max and sum start from it.
+  m_start, sum_start = jnp.float32(_MAX_START), jnp.float32(0)
+  if ex.sinks is not None:
+    m_start = jnp.maximum(ex.sinks, _MAX_START)[None, :, :, None]
+    sum_start = jnp.exp(ex.sinks[None, :, :, None] - m_start)
+
   def init(i):
-    return (q_block(i), jnp.full((B, K, G, plan.bq), _MAX_START, jnp.float32),
-            jnp.zeros((B, K, G, plan.bq), jnp.float32),
+    rows = (B, K, G, plan.bq)
+    return (q_block(i), jnp.broadcast_to(m_start, rows), jnp.broadcast_to(sum_start, rows),
             jnp.zeros((B, K, G, plan.bq, H), jnp.float32), jnp.zeros((), jnp.float32))
 
   def step(i, j, carry, shared):
     q_blk, m, row_sum, acc, token = carry
     k_blk, v_blk = _after(token, (k_block(j), v_block(j)), unrolled)
-    s, _ = _scores(plan, q_blk, k_blk, _slice_blocks(plan, ex, i, j), i, j)
+    s, _, _ = _scores(plan, q_blk, k_blk, _slice_blocks(plan, ex, i, j), i, j)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.exp(s - m_new[..., None])
     alpha = jnp.exp(m - m_new)
@@ -528,7 +606,7 @@ def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
 
 
 def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
-  """Float32 gradients (dq5, dk4, dv4, dbias5 or None) in one sweep, key blocks outside
+  """Float32 gradients (dq5, dk4, dv4) and the cotangent of ``ex`` in one sweep, key blocks outside
   (FlashAttention-2). Each step adds its block's dq, dk and dv in place, so no accumulator
   outlives its step. dk and dv are computed transposed ([B, K, H, bk]): XLA:CPU multiplies
   do^T p fast but p^T do slowly."""
@@ -556,11 +634,12 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
     return k_block(j), v_block(j), jnp.zeros((), jnp.float32)
 
   def step(j, i, carry, shared):
-    dq, dk, dv, dbias5 = shared
+    dq, dk, dv, dbias5, dscore = shared
     k_blk, v_blk, token = carry
     q_blk, do_blk = _after(token, (q_block(i), do_block(i)), unrolled)
     lse_blk, delta_blk = _block(lse_safe, 3, i, plan.bq), _block(delta, 3, i, plan.bq)
-    s, tanh = _scores(plan, q_blk, k_blk, _slice_blocks(plan, ex, i, j), i, j)
+    s, tanh, mod_vjp = _scores(plan, q_blk, k_blk, _slice_blocks(plan, ex, i, j), i, j,
+                               pullback=True)
     p = jnp.exp(s - lse_blk[..., None])
     dp = jnp.einsum("bkgqh,bksh->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
     ds = p * (dp - delta_blk[..., None])
@@ -569,6 +648,9 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
     if dbias5 is not None:
       axes = tuple(a for a in range(5) if dbias5.shape[a] == 1)
       dbias5 = _add_bias_block(dbias5, jnp.sum(ds, axis=axes, keepdims=True), i, j, plan)
+    if mod_vjp is not None:
+      ds, d_consts = mod_vjp(ds)
+      dscore = tuple(map(_add_cotangent, dscore, d_consts))
     ds = ds.astype(q_blk.dtype)
     dq_blk = jnp.einsum("bkgqs,bksh->bkgqh", ds, k_blk, preferred_element_type=jnp.float32)
     dk_t = jnp.einsum("bkgqh,bkgqs->bkhs", q_blk, ds, preferred_element_type=jnp.float32)
@@ -578,15 +660,32 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
     dq = add_dq(dq, i, dq_blk * (plan.scale * plan.q_scale))
     dk = add_dk(dk, j, dk_t * plan.scale)
     dv = add_dv(dv, j, dv_t)
-    return (k_blk, v_blk, _token(dq_blk, dk_t, dv_t)), (dq, dk, dv, dbias5)
+    return (k_blk, v_blk, _token(dq_blk, dk_t, dv_t)), (dq, dk, dv, dbias5, dscore)
 
-  shared = (dq, dk, dv, None if ex.bias is None else jnp.zeros(ex.bias.shape, jnp.float32))
+  shared = (dq, dk, dv, None if ex.bias is None else jnp.zeros(ex.bias.shape, jnp.float32),
+            tuple(map(_zero_cotangent, ex.score)))
   # The first key blocks wait for delta, so that XLA does not cut them out at the very start.
-  dq, dk, dv, dbias5 = _sweep(plan, plan.nk, plan.q_blocks, init, step, shared,
+  dq, dk, dv, dbias5, dscore = _sweep(plan, plan.nk, plan.q_blocks, init, step, shared,
                               transpose=True, runtime_empty=masks_lib.runtime_block_empty(
                                   ex.mask, plan.T, plan.S, plan.bq, plan.bk),
                               start=_token(delta))[0]
-  return dq_done(dq), dk_done(dk), dv_done(dv), dbias5
+  dsinks = None
+  if ex.sinks is not None:  # d out / d sink = -p_sink out and d lse / d sink = p_sink.
+    p_sink = jnp.exp(ex.sinks[None, :, :, None] - lse_safe)
+    dsinks = -jnp.sum(p_sink * delta, axis=(0, 3))
+  dex = _Extras(bias=dbias5, mask=None, score=tuple(
+      d.astype(c.dtype) if d is not None else None for d, c in zip(dscore, ex.score)),
+                sinks=dsinks)
+  return dq_done(dq), dk_done(dk), dv_done(dv), dex
+
+
+def _zero_cotangent(x: Array) -> Array | None:
+  """Float32 zeros to gather the gradient of a score-modifier array in (None if not float)."""
+  return jnp.zeros(jnp.shape(x), jnp.float32) if jnp.issubdtype(x.dtype, jnp.inexact) else None
+
+
+def _add_cotangent(acc: Array | None, d) -> Array | None:
+  return None if acc is None else acc + d.astype(jnp.float32)
 
 
 def _add_block(x: Array, update: Array, axis: int, index, size: int) -> Array:
@@ -622,8 +721,7 @@ def _attend_bwd(plan, residuals, cotangents):
   # Square blocks: each key block's sweep over query blocks then cuts out small blocks of q and
   # dout, and the block logits stay as small as the forward pass's key blocks.
   plan = dataclasses.replace(plan, bq=min(plan.bq, plan.bk)).with_grid(ex.mask)
-  dq5, dk4, dv4, dbias5 = _backward(plan, q5, k4, v4, ex, out5, lse4, dout5, dlse4)
-  dex = _Extras(bias=dbias5, mask=None)
+  dq5, dk4, dv4, dex = _backward(plan, q5, k4, v4, ex, out5, lse4, dout5, dlse4)
   return dq5.astype(q5.dtype), dk4.astype(k4.dtype), dv4.astype(v4.dtype), dex
 
 

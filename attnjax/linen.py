@@ -16,6 +16,7 @@ Shapes: inputs ``[..., T, D]``; attention weights ``[..., N, T, S]``; rotary inp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -97,6 +98,13 @@ class MultiHeadAttention(nn.Module):
     precision: ``jax.lax.Precision`` of the projections and of ``attention_fn`` (Flax's).
     attention_fn: replaces :func:`attnjax.dot_product_attention` (Flax's ``attention_fn``);
       the arguments it gets are those described in :func:`attnjax.multi_head_attention`.
+    sinks: learnable attention sinks: a parameter ``sinks [N]`` (zeros at init), one logit
+      per query head that joins each softmax denominator.
+    score_mod: a score modifier (see :func:`attnjax.dot_product_attention`), e.g. from
+      :mod:`attnjax.score_mods`; one with learnable arrays is better built in the caller's
+      module from its own parameters and passed at call time.
+    process_heads: position handling of the projected heads, as in
+      :func:`attnjax.multi_head_attention` (``rotary=True`` is one such hook).
   """
   num_heads: int
   num_kv_heads: int | None = None
@@ -119,6 +127,9 @@ class MultiHeadAttention(nn.Module):
   normalize_qk: bool = False
   precision: jax.lax.PrecisionLike = None
   attention_fn: multihead.AttentionFn = attention.dot_product_attention
+  sinks: bool = False
+  score_mod: Callable | None = None
+  process_heads: multihead.ProcessHeads | None = None
 
   @nn.compact
   def __call__(
@@ -139,6 +150,7 @@ class MultiHeadAttention(nn.Module):
       deterministic: bool | None = None,
       dropout_rng: Array | None = None,
       sow_weights: bool = False,
+      score_mod: Callable | None = None,
   ) -> Array:
     """Attends from ``inputs_q [..., T, D]`` to ``inputs_k [..., S, Dkv]`` (default: itself).
 
@@ -155,6 +167,7 @@ class MultiHeadAttention(nn.Module):
       dropout_rng: a ``jax.random.key`` for dropout; defaults to the ``"dropout"`` rng.
       sow_weights: sow the attention weights ``[..., N, T, S]`` into the
         ``"intermediates"`` collection as ``"attention_weights"``.
+      score_mod: a score modifier for this call, in place of the module's.
 
     Returns:
       ``[..., T, out_features]``.
@@ -183,6 +196,9 @@ class MultiHeadAttention(nn.Module):
     if self.normalize_qk:
       for name in multihead.QK_NORM_NAMES:
         params[name] = _LayerNormScale(H, self.param_dtype, name=name)()
+    if self.sinks:
+      params[multihead.SINKS_NAME] = self.param(multihead.SINKS_NAME, nn.initializers.zeros,
+                                                (N,), self.param_dtype)
     if self.dropout_rate > 0.0 and not nn.merge_param("deterministic", self.deterministic,
                                                       deterministic):
       if dropout_rng is None:
@@ -212,7 +228,7 @@ class MultiHeadAttention(nn.Module):
         sow_weights=sow_weights, mask=mask, bias=bias, is_causal=is_causal,
         local_window_size=local_window_size, q_segment_ids=q_segment_ids,
         kv_segment_ids=kv_segment_ids, query_positions=query_positions,
-        key_positions=key_positions)
+        key_positions=key_positions, score_mod=score_mod)
     if cache is not None:
       cached_key.value, cached_value.value = cache["key"], cache["value"]
       cache_index.value = cache["index"]
@@ -259,8 +275,9 @@ class RotaryPositionEmbedding(nn.Module):
 
 
 def _attend(module, params, inputs_q, inputs_k, inputs_v, *, cache, dropout_rng, sow_weights,
-            **options):
-  """:func:`attnjax.multi_head_attention` with the options held by a Linen or NNX module.
+            score_mod, **options):
+  """:func:`attnjax.multi_head_attention` with the options held by a Linen or NNX module
+  (a ``score_mod`` given at call time replaces the module's).
 
   Returns:
     ``(out, weights or None, new cache or None)``.
@@ -271,7 +288,8 @@ def _attend(module, params, inputs_q, inputs_k, inputs_v, *, cache, dropout_rng,
       dropout_rate=module.dropout_rate if dropout_rng is not None else 0.0,
       dropout_rng=dropout_rng, return_weights=sow_weights, dtype=module.dtype,
       precision=module.precision, implementation=module.implementation,
-      attention_fn=module.attention_fn, **options)
+      attention_fn=module.attention_fn, process_heads=module.process_heads,
+      score_mod=module.score_mod if score_mod is None else score_mod, **options)
   if cache is not None:
     result, cache = result
   out, weights = result if sow_weights else (result, None)

@@ -10,11 +10,14 @@ as they are::
    "value":    {"kernel": [Dv, K, H], "bias": [K, H]},
    "out":      {"kernel": [N, H, Dout], "bias": [Dout]},
    "query_ln": {"scale": [H]},
-   "key_ln":   {"scale": [H]}}
+   "key_ln":   {"scale": [H]},
+   "sinks":    [N]}
 
-The biases are there only with ``use_bias``, and ``query_ln`` and ``key_ln`` only with QK
+The biases are there only with ``use_bias``, ``query_ln`` and ``key_ln`` only with QK
 normalisation (Flax's ``normalize_qk``: a LayerNorm without bias over the H features of each
-projected query and key head).
+projected query and key head), and ``sinks`` only with attention sinks (a learnable logit per
+query head that joins each softmax denominator; Flax has none, so it is left out of ported
+weights).
 
 Shape letters: T query length, S key/value length, D/Dkv/Dv/Dout feature widths, N query
 heads, K key/value heads (K = N for multi-head attention), H head dim, M cache length.
@@ -50,6 +53,11 @@ default_bias_init = jax.nn.initializers.zeros
 # The parameter groups of QK normalisation, and its epsilon (that of Flax's LayerNorm).
 QK_NORM_NAMES = ("query_ln", "key_ln")
 LAYER_NORM_EPSILON = 1e-6
+# The parameter of learnable attention sinks, a logit per query head [N].
+SINKS_NAME = "sinks"
+# process_heads(query [..., T, N, H], key [..., S, K, H], query_positions [..., T],
+# key_positions [..., S]) -> (query, key): position handling of the projected heads.
+ProcessHeads = Callable[[Array, Array, Array, Array], tuple[Array, Array]]
 
 
 def init_multi_head_attention(
@@ -69,6 +77,7 @@ def init_multi_head_attention(
     out_kernel_init: Initializer | None = None,
     out_bias_init: Initializer | None = None,
     dtype: DTypeLike = jnp.float32,
+    sinks: bool = False,
 ) -> Params:
   """Initial parameters for :func:`multi_head_attention`.
 
@@ -92,6 +101,7 @@ def init_multi_head_attention(
     out_kernel_init, out_bias_init: initialisers of the output projection; default to
       ``kernel_init`` and ``bias_init``.
     dtype: parameter dtype.
+    sinks: add learnable attention sinks ``sinks [N]``, one logit per query head (zeros).
 
   Returns:
     The parameter pytree described in the module docstring.
@@ -113,6 +123,8 @@ def init_multi_head_attention(
   if normalize_qk:
     for name in QK_NORM_NAMES:
       params[name] = {"scale": jnp.ones((head_dim,), dtype)}
+  if sinks:
+    params[SINKS_NAME] = jnp.zeros((num_heads,), dtype)
   return params
 
 
@@ -237,13 +249,16 @@ def multi_head_attention(
     precision: jax.lax.PrecisionLike = None,
     implementation: attention.Implementation | None = None,
     attention_fn: AttentionFn = attention.dot_product_attention,
+    score_mod: Callable | None = None,
+    process_heads: ProcessHeads | None = None,
 ) -> Any:
   """Multi-head (or grouped-query) attention with learned projections.
 
   Projects ``inputs_q`` to queries, ``inputs_k`` to keys and ``inputs_v`` to values,
-  normalises queries and keys if ``params`` has ``query_ln`` and ``key_ln``, optionally
-  applies rotary position embeddings to them, runs ``attention_fn`` (by default
-  :func:`attnjax.dot_product_attention`) and projects the concatenated heads to the output.
+  normalises queries and keys if ``params`` has ``query_ln`` and ``key_ln``, applies the
+  position handling (``process_heads``, or rotary embeddings with ``rotary``) to them, runs
+  ``attention_fn`` (by default :func:`attnjax.dot_product_attention`, with the ``sinks`` of
+  ``params`` if it has them) and projects the concatenated heads to the output.
 
   Args:
     params: the pytree of :func:`init_multi_head_attention` (or a Flax module's params).
@@ -254,15 +269,26 @@ def multi_head_attention(
       ``inputs_k`` (with ``inputs_v=None``), not to be combined with them.
     num_heads, num_kv_heads: optional checks of N and K; both are read from ``params``.
     mask, bias, is_causal, local_window_size, q_segment_ids, kv_segment_ids: as in
-      :func:`attnjax.dot_product_attention`.
+      :func:`attnjax.dot_product_attention` (``mask`` a mask object or a bool array; with a
+      cache, a mask object's rule is read at the cache's absolute positions, while a bool
+      array is ``[..., T, M]`` over the cache).
+    score_mod: as in :func:`attnjax.dot_product_attention`; with a cache, ``q_idx`` is the
+      query's absolute position (the cache index plus its place in the chunk).
+    process_heads: position handling, ``fn(query, key, query_positions, key_positions) ->
+      (query, key)`` on the projected (and normalised) heads ``[..., T, N, H]`` and
+      ``[..., S, K, H]`` with int positions ``[..., T]`` and ``[..., S]`` (defaults below);
+      with a cache it sees each chunk's new keys, at their positions, before they are
+      written. ``attnjax.positional.rotary_heads`` is the one ``rotary=True`` uses; a new
+      position encoding is one such function.
     logits_soft_cap, dropout_rate, dropout_rng, implementation: as in
       :func:`attnjax.dot_product_attention`.
-    rotary: apply rotary position embeddings ("half" layout) to queries and keys.
+    rotary: apply rotary position embeddings ("half" layout) to queries and keys (sugar
+      for ``process_heads=positional.rotary_heads(rotary_max_timescale)``; not both).
     rotary_max_timescale: RoPE base.
-    query_positions: ``[..., T]`` positions for RoPE, ``arange(T)`` by default (offset by
-      the cache index when decoding).
-    key_positions: ``[..., S]`` positions for RoPE, ``arange(S)`` by default (with a cache,
-      new keys take the positions of the new queries).
+    query_positions: ``[..., T]`` positions for ``process_heads``, ``arange(T)`` by default
+      (offset by the cache index when decoding).
+    key_positions: ``[..., S]`` positions for ``process_heads``, ``arange(S)`` by default
+      (with a cache, new keys take the positions of the new queries).
     cache: a cache from :func:`init_kv_cache` for autoregressive self-attention: the T new
       keys and values are written at ``cache["index"]`` and each query attends causally to
       the cache up to its own position (``is_causal`` is implied, segment ids are not
@@ -282,7 +308,8 @@ def multi_head_attention(
       weights [..., N, T, S])`` when ``return_weights=True``. ``options`` are ``bias``,
       ``mask``, ``is_causal``, ``local_window_size``, ``q_segment_ids``,
       ``kv_segment_ids``, ``logits_soft_cap``, ``dropout_rate``, ``dropout_rng``,
-      ``return_weights``, ``implementation`` and ``precision``, with the meanings of
+      ``return_weights``, ``implementation``, ``precision``, ``score_mod`` and ``sinks``,
+      with the meanings of
       :func:`attnjax.dot_product_attention` (with a cache, the causal and window masks are
       folded into ``mask``). A callable with ``**kwargs`` gets them all; otherwise only
       those its signature names, and one it does not name must hold its neutral value
@@ -330,6 +357,11 @@ def multi_head_attention(
     query = _layer_norm(query, params["query_ln"]["scale"], dtype)
     key = _layer_norm(key, params["key_ln"]["scale"], dtype)
 
+  if rotary:
+    if process_heads is not None:
+      raise ValueError("pass either rotary=True or process_heads, not both")
+    process_heads = positional.rotary_heads(rotary_max_timescale)
+
   if cache is not None:
     if not self_attention:
       raise ValueError("a key/value cache is for self-attention: pass no inputs_k, inputs_v "
@@ -344,36 +376,31 @@ def multi_head_attention(
     overrun = index + T > M  # Traced under jit: the outputs are poisoned below.
     if query_positions is None:
       query_positions = index + jnp.arange(T)
-    if rotary:
-      key = positional.apply_rotary(key, query_positions, max_timescale=rotary_max_timescale)
+    if process_heads is not None:
+      query, key = process_heads(query, key, query_positions, query_positions)
     cache = {
         "key": _write(cache["key"], key, index),
         "value": _write(cache["value"], value, index),
         "index": index + T,
     }
     key, value = cache["key"].astype(dtype), cache["value"].astype(dtype)
-    q_pos, k_pos = index + jnp.arange(T), jnp.arange(M)
-    visible = k_pos[None, :] <= q_pos[:, None]
-    if local_window_size is not None:
-      left = min(masks.canonical_window(local_window_size)[0], M)  # M: unbounded, no overflow
-      visible &= k_pos[None, :] >= q_pos[:, None] - left
-    mask = masks.combine_masks(mask, visible)
+    mask, score_mod = _at_cache_positions(mask, score_mod, local_window_size, index,
+                                          x_q.shape[:-2], N, M)
     is_causal, local_window_size = False, None
-  elif rotary:
-    S = x_k.shape[-2]
-    key_positions = jnp.arange(S) if key_positions is None else key_positions
-    key = positional.apply_rotary(key, key_positions, max_timescale=rotary_max_timescale)
-  if rotary:
+  elif process_heads is not None:
     if query_positions is None:
       query_positions = jnp.arange(x_q.shape[-2])
-    query = positional.apply_rotary(query, query_positions, max_timescale=rotary_max_timescale)
+    if key_positions is None:
+      key_positions = jnp.arange(x_k.shape[-2])
+    query, key = process_heads(query, key, query_positions, key_positions)
 
   result = call_attention_fn(
       attention_fn, query, key, value, bias=bias, mask=mask, is_causal=is_causal,
       local_window_size=local_window_size, q_segment_ids=q_segment_ids,
       kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap,
       dropout_rate=dropout_rate, dropout_rng=dropout_rng, return_weights=return_weights,
-      implementation=implementation, precision=precision)
+      implementation=implementation, precision=precision, score_mod=score_mod,
+      sinks=params.get(SINKS_NAME))
   heads, weights = result if return_weights else (result, None)
 
   out_params = params["out"]
@@ -386,6 +413,33 @@ def multi_head_attention(
     weights = None if weights is None else jnp.where(overrun, jnp.nan, weights)
   result = (out, weights) if return_weights else out
   return (result, cache) if cache is not None else result
+
+
+def _at_cache_positions(mask: Any, score_mod: Callable | None,
+                        local_window_size: int | tuple[int, int] | None, index: Array,
+                        batch_shape: tuple[int, ...], N: int,
+                        M: int) -> tuple[masks.Mask, Callable | None]:
+  """The mask and score modifier of a chunk of queries that starts at ``index`` in a cache of
+  M positions: the causal rule, the window and a mask object are read at the queries'
+  absolute positions (a bool array mask is already over the cache), as is ``score_mod``."""
+  rule: masks.Mask = masks.Causal()
+  if local_window_size is not None:  # The right side is hidden by causality anyway.
+    rule = rule & masks.LocalWindow(min(masks.canonical_window(local_window_size)[0], M), 0)
+  if isinstance(mask, masks.Mask):
+    rule, mask = rule & mask, None
+  rule = rule.canonical(batch_shape, N, M, M)  # Positions run over the whole cache.
+
+  def shifted(batch, head, q_idx, kv_idx):
+    return rule(batch, head, q_idx + index, kv_idx)
+  at_positions = masks.MaskFn(shifted)
+  if mask is not None:
+    at_positions = at_positions & masks.as_mask(mask)
+  if score_mod is not None:
+    mod = score_mod
+
+    def score_mod(score, batch, head, q_idx, kv_idx):
+      return mod(score, batch, head, q_idx + index, kv_idx)
+  return at_positions, score_mod
 
 
 def call_attention_fn(attention_fn: AttentionFn, query: Array, key: Array, value: Array,

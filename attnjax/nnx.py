@@ -17,6 +17,7 @@ Shapes: inputs ``[..., T, D]``; attention weights ``[..., N, T, S]``; rotary inp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -75,6 +76,8 @@ class MultiHeadAttention(nnx.Module):
       :class:`attnjax.linen.MultiHeadAttention`.
     out_kernel_init, out_bias_init, normalize_qk, precision, attention_fn: as in
       :class:`attnjax.linen.MultiHeadAttention`.
+    sinks, score_mod, process_heads: as in :class:`attnjax.linen.MultiHeadAttention` (the
+      sinks are an ``nnx.Param`` ``sinks [N]``).
     rngs: ``nnx.Rngs`` for the parameters and, with dropout, the ``"dropout"`` stream.
     keep_rngs: with dropout, keep a fork of the ``"dropout"`` stream for calls that pass no
       ``rngs`` (Flax's); with ``keep_rngs=False`` a call with dropout needs ``rngs``.
@@ -114,6 +117,9 @@ class MultiHeadAttention(nnx.Module):
       attention_fn: multihead.AttentionFn = attention.dot_product_attention,
       rngs: nnx.Rngs,
       keep_rngs: bool = True,
+      sinks: bool = False,
+      score_mod: Callable | None = None,
+      process_heads: multihead.ProcessHeads | None = None,
   ):
     self.num_heads = num_heads
     self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -130,6 +136,11 @@ class MultiHeadAttention(nnx.Module):
     self.implementation = implementation
     self.precision = precision
     self.attention_fn = attention_fn
+    # A modifier that holds arrays (a pytree such as score_mods.ALiBi) is data, whose arrays
+    # go through nnx transforms with the module; a plain function is static.
+    holds_arrays = any(isinstance(x, jax.Array) for x in jax.tree.leaves(score_mod))
+    self.score_mod = nnx.data(score_mod) if holds_arrays else nnx.static(score_mod)
+    self.process_heads = nnx.static(process_heads)
     shapes = multihead.projection_shapes(
         in_features, kv_features or in_features, out_features or in_features, num_heads,
         self.num_kv_heads, self.head_dim)
@@ -144,6 +155,8 @@ class MultiHeadAttention(nnx.Module):
                                                        out_kernel_init, out_bias_init)
       setattr(self, name, _Projection(kernel_shape, bias_shape, n_in, use_bias, *initializers,
                                       param_dtype, rngs))
+    self.sinks = (nnx.Param(jnp.zeros((num_heads,), param_dtype)) if sinks
+                  else nnx.data(None))
     self.rngs = (rngs["dropout"].fork() if keep_rngs and dropout_rate > 0.0
                  else nnx.data(None))
     self.cached_key: nnx.Cache | None = nnx.data(None)
@@ -172,8 +185,11 @@ class MultiHeadAttention(nnx.Module):
   def params_dict(self) -> multihead.Params:
     """The parameters as the pytree of :func:`attnjax.multi_head_attention`."""
     names = ("query", "key", "value", "out") + multihead.QK_NORM_NAMES
-    return {name: getattr(self, name).as_dict() for name in names
-            if getattr(self, name) is not None}
+    params = {name: getattr(self, name).as_dict() for name in names
+              if getattr(self, name) is not None}
+    if self.sinks is not None:
+      params[multihead.SINKS_NAME] = self.sinks[...]
+    return params
 
   def __call__(
       self,
@@ -193,6 +209,7 @@ class MultiHeadAttention(nnx.Module):
       deterministic: bool | None = None,
       rngs: nnx.Rngs | nnx.RngStream | None = None,
       sow_weights: bool = False,
+      score_mod: Callable | None = None,
   ) -> Array:
     """Attends from ``inputs_q [..., T, D]`` to ``inputs_k [..., S, Dkv]`` (default: itself).
 
@@ -210,6 +227,7 @@ class MultiHeadAttention(nnx.Module):
         defaults to the stream kept at construction (see ``keep_rngs``).
       sow_weights: record the attention weights ``[..., N, T, S]`` as an
         ``nnx.Intermediate`` named ``attention_weights``.
+      score_mod: a score modifier for this call, in place of the module's.
 
     Returns:
       ``[..., T, out_features]``.
@@ -250,7 +268,7 @@ class MultiHeadAttention(nnx.Module):
         sow_weights=sow_weights, mask=mask, bias=bias, is_causal=is_causal,
         local_window_size=local_window_size, q_segment_ids=q_segment_ids,
         kv_segment_ids=kv_segment_ids, query_positions=query_positions,
-        key_positions=key_positions)
+        key_positions=key_positions, score_mod=score_mod)
     if cache is not None:
       assert self.cached_key is not None and self.cached_value is not None
       assert self.cache_index is not None

@@ -10,6 +10,8 @@ References:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,6 +132,25 @@ def apply_rotary(
     a, b = xf[..., 0::2], xf[..., 1::2]
     out = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(xf.shape)
   return out.astype(x.dtype)
+
+
+def rotary_heads(max_timescale: float = 10_000.0, layout: str = "half"):
+  """Rotary embeddings as a ``process_heads`` hook of :func:`attnjax.multi_head_attention`.
+
+  Args:
+    max_timescale: the RoPE base.
+    layout: ``"half"`` or ``"interleaved"``, as in :func:`apply_rotary`.
+
+  Returns:
+    ``fn(query, key, query_positions, key_positions) -> (query, key)`` that rotates each
+    query and key head by its position.
+  """
+  _check_max_timescale(max_timescale)
+
+  def process_heads(query, key, query_positions, key_positions):
+    rotate = functools.partial(apply_rotary, max_timescale=max_timescale, layout=layout)
+    return rotate(query, query_positions), rotate(key, key_positions)
+  return process_heads
 
 
 def _lead(x: Array, n: int) -> Array:

@@ -408,3 +408,26 @@ def test_rotary_embedding_is_apply_rotary(layout):
   out = jax.jit(module.apply)({}, x, positions)
   np.testing.assert_allclose(out, rotate(x, positions), **F32_TOL)
   assert not np.allclose(out, rotate(x, np.arange(6)), atol=1e-3)
+
+
+def test_sinks_score_mod_and_process_heads_are_the_pure_functions():
+  from attnjax import positional, score_mods
+  x = np.random.default_rng(0).normal(size=(2, 6, 8)).astype(np.float32)
+  alibi = score_mods.ALiBi(score_mods.alibi_slopes(2))
+  module = linen.MultiHeadAttention(num_heads=2, sinks=True, score_mod=alibi,
+                                    process_heads=positional.rotary_heads(50.0))
+  params = module.init(jax.random.key(0), x)["params"]
+  assert params["sinks"].shape == (2,) and not np.any(params["sinks"])
+  params = jax.tree.map(lambda a: a + 0.3, params)  # non-zero sinks
+  pure = functools.partial(attnjax.multi_head_attention, params, x, is_causal=True,
+                           process_heads=positional.rotary_heads(50.0))
+  got = jax.jit(lambda p: module.apply({"params": p}, x, is_causal=True))(params)
+  np.testing.assert_allclose(got, pure(score_mod=alibi), rtol=2e-5, atol=2e-5)
+  # A score_mod at call time replaces the module's (here one with learnable slopes).
+  slopes = jnp.array([0.5, 0.25])
+  got = module.apply({"params": params}, x, is_causal=True,
+                     score_mod=score_mods.ALiBi(slopes))
+  np.testing.assert_allclose(got, pure(score_mod=score_mods.ALiBi(slopes)), rtol=2e-5,
+                             atol=2e-5)
+  grads = jax.grad(lambda p: jnp.sum(module.apply({"params": p}, x) ** 2))(params)
+  assert np.all(np.asarray(grads["sinks"]) != 0)

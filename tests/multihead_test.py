@@ -496,3 +496,82 @@ def test_gradients_match_finite_differences(options):
   # float64 inputs, but the core computes logits and softmax in float32: loose tolerances.
   with jax.enable_x64(True):
     check_grads(fn, (params, x), order=1, modes=["rev"], eps=1e-3, atol=2e-3, rtol=2e-3)
+
+
+# ----------------------------------------------------------------------------- variants
+
+from attnjax import masks, positional, score_mods  # noqa: E402
+
+VARIANT_DECODE_CASES = {
+    "chunked_alibi_sinks": dict(chunks=[1] * 4 + [3, 2], mask=masks.Chunked(3),
+                                score_mod=score_mods.ALiBi(score_mods.alibi_slopes(2))),
+    "window_object_t5": dict(chunks=[2, 3, 1, 3], mask=masks.LocalWindow(2, 0),
+                             score_mod=score_mods.T5RelativeBias(
+                                 normal(7, (8, 2)), num_buckets=8, max_distance=8,
+                                 bidirectional=False)),
+    "prefix_lm_rotary": dict(chunks=[4, 1, 1, 2], mask=masks.PrefixLM(jnp.array([3, 5])),
+                             rotary=True),
+}
+
+
+@pytest.mark.parametrize("case", VARIANT_DECODE_CASES.values(),
+                         ids=VARIANT_DECODE_CASES.keys())
+def test_cached_decoding_reads_mask_objects_and_score_mods_at_absolute_positions(case):
+  case = dict(case)
+  chunks = case.pop("chunks")
+  L = sum(chunks)
+  params = random_params(0, 8, 2, 4, sinks=True)
+  x = normal(1, (2, L, 8))
+  full = jax.jit(functools.partial(attnjax.multi_head_attention, is_causal=True, **case))
+  out, _ = decode(params, x, chunks, L + 2, **case)
+  np.testing.assert_allclose(out, full(params, x), **F32_TOL)
+
+
+def test_sinks_parameter_joins_the_softmax():
+  params = random_params(0, 8, 2, 4, sinks=True)
+  assert params["sinks"].shape == (2,)
+  assert not np.any(attnjax.init_multi_head_attention(jax.random.key(0), 8, 2, 4,
+                                                      sinks=True)["sinks"])
+  x = normal(1, (3, 5, 8))
+
+  def by_hand(params):
+    q, k, v = (jnp.einsum("...ld,dnh->...lnh", x, params[n]["kernel"])
+               + params[n]["bias"][None, None] for n in ("query", "key", "value"))
+    heads = attnjax.dot_product_attention(q, k, v, sinks=params["sinks"],
+                                          implementation="xla")
+    out = jnp.einsum("...tnh,nhd->...td", heads, params["out"]["kernel"])
+    return out + params["out"]["bias"][None, None]
+
+  np.testing.assert_allclose(attnjax.multi_head_attention(params, x), by_hand(params),
+                             **F32_TOL)
+  grad = jax.grad(lambda p: jnp.sum(attnjax.multi_head_attention(p, x) ** 2))(params)
+  np.testing.assert_allclose(grad["sinks"],
+                             jax.grad(lambda p: jnp.sum(by_hand(p) ** 2))(params)["sinks"],
+                             rtol=1e-4, atol=1e-5)
+  assert np.all(np.asarray(grad["sinks"]) != 0)
+
+
+def test_process_heads_hook():
+  params = random_params(0, 8, 2, 4)
+  x = normal(1, (2, 6, 8))
+  rotary = attnjax.multi_head_attention(params, x, rotary=True, rotary_max_timescale=100.0)
+  hook = attnjax.multi_head_attention(params, x,
+                                      process_heads=positional.rotary_heads(100.0))
+  np.testing.assert_array_equal(rotary, hook)
+  seen = {}
+
+  def scale_queries(query, key, query_positions, key_positions):
+    seen["positions"] = (np.asarray(query_positions), np.asarray(key_positions))
+    return query * 2.0, key
+
+  out = attnjax.multi_head_attention(params, x[:, :4], normal(2, (2, 5, 8)),
+                                     process_heads=scale_queries)
+  np.testing.assert_array_equal(seen["positions"][0], np.arange(4))
+  np.testing.assert_array_equal(seen["positions"][1], np.arange(5))
+  doubled = jax.tree.map(lambda a: a, params)
+  doubled["query"] = {n: 2.0 * w for n, w in params["query"].items()}
+  np.testing.assert_allclose(out, attnjax.multi_head_attention(doubled, x[:, :4],
+                                                               normal(2, (2, 5, 8))),
+                             **F32_TOL)
+  with pytest.raises(ValueError, match="either rotary=True or process_heads"):
+    attnjax.multi_head_attention(params, x, rotary=True, process_heads=scale_queries)

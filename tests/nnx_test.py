@@ -348,3 +348,21 @@ def test_rotary_embedding_is_apply_rotary(layout):
   np.testing.assert_allclose(out, rotate(x, positions), **F32_TOL)
   assert not np.allclose(out, rotate(x, np.arange(6)), atol=1e-3)
   np.testing.assert_allclose(module(x), rotate(x, np.arange(6)), **F32_TOL)
+
+
+def test_sinks_score_mod_and_process_heads_match_linen():
+  from attnjax import masks, positional, score_mods
+  x = np.random.default_rng(0).normal(size=(2, 6, 8)).astype(np.float32)
+  alibi = score_mods.ALiBi(score_mods.alibi_slopes(2))
+  options = dict(sinks=True, score_mod=alibi, process_heads=positional.rotary_heads(50.0))
+  module = attn_nnx.MultiHeadAttention(8, 2, rngs=nnx.Rngs(0), **options)
+  assert module.sinks[...].shape == (2,)
+  module.sinks[...] = jnp.array([0.5, -1.0])
+  linen_module = linen.MultiHeadAttention(num_heads=2, **options)
+  params = module.params_dict()
+  mask = masks.Chunked(4) & masks.Causal()
+  got = nnx.jit(lambda m: m(x, mask=mask))(module)
+  want = linen_module.apply({"params": params}, x, mask=mask)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(module)
+  assert np.all(np.asarray(grads.sinks[...]) != 0)
