@@ -14,14 +14,10 @@ attention does about half the work of full attention. The backward pass (``jax.c
 keeps only q, k, v, out and lse, and in one sweep over key blocks recomputes each block's
 probabilities from lse (five matmuls per block), adding each block's gradients in place.
 
-Up to 64 block pairs run as a Python-unrolled loop with static block ranges and masks applied
-only to the blocks that need them. Unrolled, each block is cut from the caller's [B, T, N, H]
-layout and its matmul operands are transposed on their own, so no transposed copy of q, k, v
-or the gradients is ever held, and on CPU the outer blocks are dealt to two chains that XLA
-runs side by side (a small batched matmul runs on one core). Longer sequences run as ``lax``
-loops with the same block body over arrays transposed heads-first once. On CPU, small
-temporaries matter twice: XLA allocates a program's temporary buffer on every call, and above
-glibc's mmap threshold (32 MB) every page of it is a fresh page fault.
+The algorithm is here; how its blocks are cut and run on XLA (unrolled or ``lax`` loops,
+chains of blocks side by side, the layouts blocks are cut from) is in
+``attnjax._scheduling``, which changes no number computed here. Masks are applied only to the
+blocks that need them.
 
 Numerics follow ``attnjax.attention``: logits and softmax in float32, masked logits get a
 large finite negative, a query row with no visible key returns zeros and zero gradients, and
@@ -45,6 +41,16 @@ import numpy as np
 from jax import Array, lax
 
 from attnjax import masks as masks_lib
+from attnjax._scheduling import (
+  _after,
+  _block,
+  _default_lanes,
+  _hulls,
+  _Layout,
+  _pick,
+  _sweep,
+  _token,
+)
 
 # Logit of a hidden key. The running max starts at half of it, so exp(_HIDDEN - max) is exactly
 # 0 even in a row where every key is hidden (its sum stays 0 and its output is set to 0).
@@ -184,12 +190,6 @@ def _pad_axis(x: Array, axis: int, pad: int) -> Array:
   return jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
 
 
-def _default_lanes() -> int:
-  """Chains of blocks to run side by side: two on CPU, where a small batched matmul runs on one
-  core (more chains only cost memory on the 2-core machines this was tuned on), else one."""
-  return 2 if jax.default_backend() == "cpu" else 1
-
-
 def _next_pow2(n: int) -> int:
   return 1 << max(0, n - 1).bit_length()
 
@@ -318,93 +318,6 @@ class _Plan:
     return not self.full[i][j]
 
 
-def _hulls(grid):
-  """[lo, hi) per row of the True entries of a bool grid (NumPy or JAX), (0, 0) if none."""
-  xp = np if isinstance(grid, np.ndarray) else jnp
-  n, any_ = grid.shape[1], grid.any(1)
-  lo = xp.where(any_, grid.argmax(1), 0)
-  hi = xp.where(any_, n - grid[:, ::-1].argmax(1), 0)
-  return lo, hi
-
-
-def _pick(hulls, i):
-  lo, hi = hulls
-  if isinstance(i, int):
-    return int(lo[i]), int(hi[i])
-  return jnp.asarray(lo, jnp.int32)[i], jnp.asarray(hi, jnp.int32)[i]
-
-
-def _min(a, b):
-  return min(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.minimum(a, b)
-
-
-def _max(a, b):
-  return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
-
-
-def _block(x: Array, axis: int, index, size: int) -> Array:
-  """Block ``index`` of ``size`` along ``axis``, or all of ``x`` if that dim broadcasts (is 1)."""
-  if x.shape[axis] == 1:
-    return x
-  if isinstance(index, int):
-    return lax.slice_in_dim(x, index * size, (index + 1) * size, axis=axis)
-  return lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-  """How blocks are cut from q-like [B, Tp, K, G, H] and k-like [B, Sp, K, H] arrays and how
-  gradients are gathered. Unrolled, each block is cut from the caller's layout and transposed
-  on its own, so nothing is transposed whole; in lax loops (long sequences) the arrays are
-  transposed heads-first once and blocks are contiguous slices."""
-  plan: _Plan
-  whole: bool  # Transpose whole arrays once (lax loops).
-
-  def queries(self, x: Array, scale: float = 1.0, finite: bool = False, valid: bool = False):
-    """i -> query block i of x, heads first [B, K, G, bq, H], times scale; with non-finite
-    entries zeroed if ``finite``, or rows holding one all NaN if ``valid``."""
-    def scaled(x):
-      x = _finite(x) if finite else x
-      if valid:
-        x = jnp.where(jnp.all(jnp.isfinite(x), axis=-1, keepdims=True), x, jnp.nan)
-      return x if scale == 1.0 else x * jnp.asarray(scale, x.dtype)
-    if self.whole:
-      x = scaled(jnp.moveaxis(x, 1, 3))
-      return lambda i: _block(x, 3, i, self.plan.bq)
-    return lambda i: scaled(jnp.moveaxis(_block(x, 1, i, self.plan.bq), 1, 3))
-
-  def keys(self, x: Array, finite: bool = False, valid: Array | None = None):
-    """j -> key block j of x, heads first [B, K, bk, H], with non-finite entries zeroed if
-    ``finite``, and NaN where ``valid`` (bool [B, Sp, K]) is False."""
-    def cut(x, valid):  # x [B, K, bk, H], valid [B, bk, K]
-      x = _finite(x) if finite else x
-      return x if valid is None else jnp.where(jnp.swapaxes(valid, 1, 2)[..., None], x, jnp.nan)
-    if self.whole:
-      x = cut(jnp.swapaxes(x, 1, 2), valid)
-      return lambda j: _block(x, 2, j, self.plan.bk)
-    return lambda j: cut(jnp.swapaxes(_block(x, 1, j, self.plan.bk), 1, 2),
-                         None if valid is None else _block(valid, 1, j, self.plan.bk))
-
-  def grad(self, shape, size: int):
-    """For the gradient of a q-like or k-like array of ``shape`` (length on axis 1, blocks of
-    ``size``): float32 zeros to gather it in, an adder of blocks with the length on axis 3
-    ([B, K, G, bq, H] for queries, transposed [B, K, H, bk] for keys), and the conversion back
-    to ``shape``."""
-    if self.whole:
-      zeros = jnp.zeros(shape, jnp.float32)
-      return (jnp.moveaxis(zeros, 1, 3),
-              lambda acc, n, blk: _add_block(acc, blk, 3, n, size),
-              lambda acc: jnp.moveaxis(acc, 3, 1))
-    return (jnp.zeros(shape, jnp.float32),
-            lambda acc, n, blk: _add_block(acc, jnp.moveaxis(blk, 3, 1), 1, n, size),
-            lambda acc: acc)
-
-
-def _finite(x: Array) -> Array:
-  """x with non-finite entries replaced by zeros (fused into the copy that cuts a block)."""
-  return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
-
-
 def _slice_blocks(plan: _Plan, ex: _Extras, i, j) -> _Extras:
   """The rows of query block i and columns of key block j of the per-logit inputs."""
   def rows_cols(x):
@@ -453,102 +366,6 @@ def _visible(plan: _Plan, mask: masks_lib.Mask | None, shape, i, j) -> Array:
   b, n = visible.shape[:2]
   heads = (K, G) if n > 1 else (1, 1)
   return visible.reshape((b,) + heads + visible.shape[2:])
-
-
-def _token(*xs: Array) -> Array:
-  """A float32 zero computed from each of ``xs``: a data dependency on all of them at the cost
-  of tiny reductions (non-finite values count as zero, so a NaN or inf in one row cannot leak
-  into others)."""
-  def zero(x):
-    first = lax.slice(jnp.ravel(x), (0,), (1,))
-    return jnp.sum(jnp.where(jnp.isfinite(first), first, 0).astype(jnp.float32) * 0)
-  return sum(zero(x) for x in xs)
-
-
-def _after(token: Array | None, blocks, unrolled: bool):
-  """``blocks`` made to depend on ``token`` (from :func:`_token`) when unrolled. XLA:CPU
-  schedules independent ops breadth-first (every block's logits at once, which can fill
-  memory); a data dependency of a matmul operand on the previous step makes it work on one
-  block at a time. Optimisation barriers do not survive its pipeline."""
-  if not unrolled or token is None:
-    return blocks
-  return jax.tree.map(
-      lambda x: x + token.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, blocks)
-
-
-def _lanes(work: list[int], lanes: int) -> list[list[int]]:
-  """Outer blocks dealt to lanes: greedily, most work first, each to the least-loaded lane."""
-  load = [0] * lanes
-  blocks: list[list[int]] = [[] for _ in range(lanes)]
-  for o in sorted(range(len(work)), key=lambda o: -work[o]):
-    lane = load.index(min(load))
-    blocks[lane].append(o)
-    load[lane] += work[o]
-  return [sorted(b) for b in blocks if b]
-
-
-def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, shared, finish=None,
-           start=None, transpose: bool = False, runtime_empty: Array | None = None):
-  """Runs ``for o: c = init(o); for n in inner_blocks(o): c, shared = step(o, n, c, shared)``,
-  skipping the blocks (o, n) that the plan's static grid, or ``runtime_empty`` (bool
-  [nq, nk], traced), says are empty (``transpose``: o indexes key blocks, n query blocks).
-
-  The carry's last element is a :func:`_token` of the step's last results, which the next step
-  (and the next outer block in the same lane) waits for; the first outer blocks wait for the
-  token ``start``, if given.
-
-  Returns ``(shared, results)``: ``shared`` holds full-size results that ``step`` updates block
-  by block in place, and ``results`` joins ``finish(o, c)`` of every outer block along axis 3
-  (None without ``finish``). Small plans are unrolled in Python with static block indices; the
-  outer blocks are dealt to ``plan.lanes`` chains, balanced by their number of inner blocks,
-  that XLA:CPU runs side by side on its threads. The lanes' steps are emitted in turn, so their
-  in-place updates of ``shared`` interleave rather than wait for one another. Larger plans run
-  as lax loops.
-  """
-  finish = finish or (lambda o, carry: ())
-  if runtime_empty is not None and transpose:
-    runtime_empty = runtime_empty.T
-
-  def guarded(o, n, carry, shared):  # step, or nothing where the data hide the whole block
-    if runtime_empty is None:
-      return step(o, n, carry, shared)
-    return lax.cond(runtime_empty[o, n], lambda c, sh: (c, sh),
-                    lambda c, sh: step(o, n, c, sh), carry, shared)
-
-  if plan.unrolled():
-    def inner(o):
-      return [n for n in range(*inner_blocks(o))
-              if not (plan.empty[n][o] if transpose else plan.empty[o][n])]
-    work = [len(inner(o)) for o in range(n_outer)]
-    state, results = {"shared": shared}, [None] * n_outer
-
-    def lane(blocks):
-      previous = start
-      for o in blocks:
-        carry = _after(previous, init(o), True)
-        for n in inner(o):
-          carry, state["shared"] = guarded(o, n, carry, state["shared"])
-          yield
-        results[o], previous = finish(o, carry), carry[-1]
-
-    lanes = [lane(blocks) for blocks in _lanes(work, min(plan.lanes, n_outer))]
-    while lanes:
-      lanes = [it for it in lanes if next(it, StopIteration) is not StopIteration]
-    return state["shared"], jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=3), *results)
-
-  hull = None if runtime_empty is None else _hulls(jnp.logical_not(runtime_empty))
-
-  def outer(shared, o):
-    lo, hi = inner_blocks(o)
-    if hull is not None:  # Only the blocks between the first and last the data show.
-      lo = jnp.maximum(lo, hull[0][o])
-      hi = jnp.maximum(lo, jnp.minimum(hi, hull[1][o]))
-    carry, shared = lax.fori_loop(lo, hi, lambda n, c: guarded(o, n, *c), (init(o), shared))
-    return shared, finish(o, carry)
-
-  shared, results = lax.scan(outer, shared, jnp.arange(n_outer))
-  join = lambda x: jnp.moveaxis(x, 0, 3).reshape(x.shape[1:4] + (-1,) + x.shape[5:])  # noqa: E731
-  return shared, jax.tree.map(join, results)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -686,12 +503,6 @@ def _zero_cotangent(x: Array) -> Array | None:
 
 def _add_cotangent(acc: Array | None, d) -> Array | None:
   return None if acc is None else acc + d.astype(jnp.float32)
-
-
-def _add_block(x: Array, update: Array, axis: int, index, size: int) -> Array:
-  """x with ``update`` added to block ``index`` of ``size`` along ``axis``, in place."""
-  current = lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
-  return lax.dynamic_update_slice_in_dim(x, current + update, index * size, axis=axis)
 
 
 def _add_bias_block(dbias5: Array, dbias: Array, i, j, plan: _Plan) -> Array:

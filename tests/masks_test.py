@@ -387,3 +387,37 @@ def test_mask_objects_under_vmap():
   batched = attnjax.dot_product_attention(q, k, v, mask=masks.Segments(ids, ids) & masks.Causal(),
                                           implementation="xla")
   np.testing.assert_allclose(jax.vmap(one)(q, k, v, ids), batched, atol=2e-5)
+
+
+def _dots(f, *args):
+  return str(jax.make_jaxpr(f)(*args)).count("dot_general")
+
+
+def test_chunked_and_modified_causal_skip_blocks_statically():
+  q = jnp.zeros((1, 64, 1, 8))
+
+  def forward(mask, **kw):
+    return lambda q: attnjax.dot_product_attention(q, q, q, mask=mask, block_sizes=(16, 16),
+                                                   implementation="blockwise", **kw)
+  # 4 x 4 blocks, two matmuls each: chunks of 16 visit the 4 diagonal blocks, causal 10,
+  # causal chunks of 32 visit 6, and a score modifier changes none of it.
+  assert _dots(forward(masks.Chunked(16)), q) == 2 * 4
+  assert _dots(forward(masks.Causal()), q) == 2 * 10
+  assert _dots(forward(masks.Chunked(32) & masks.Causal()), q) == 2 * 6
+  alibi = attnjax.score_mods.ALiBi(attnjax.score_mods.alibi_slopes(1))
+  assert _dots(forward(masks.Causal(), score_mod=alibi), q) == 2 * 10
+
+
+def test_prefix_lm_skips_blocks_at_run_time():
+  T = 128
+  prefix = jnp.array([40, 0])
+  mask = (masks.PrefixLM(prefix)).canonical((2,), 1, T, T)
+  empty = jax.jit(lambda m: masks.runtime_block_empty(m, T, T, 32, 32))(mask)
+  # A block is empty iff it is above the diagonal for every row of the batch and past the
+  # longest prefix: row 0's prefix of 40 reaches key block 1.
+  i, j = np.arange(4)[:, None], np.arange(4)[None]
+  np.testing.assert_array_equal(empty, (j > i) & (j * 32 >= 40))
+  hlo = jax.jit(lambda q, p: attnjax.dot_product_attention(
+      q, q, q, mask=masks.PrefixLM(p), implementation="blockwise",
+      block_sizes=(32, 32))).lower(jnp.zeros((2, T, 1, 8)), prefix).as_text()
+  assert "conditional" in hlo or "case" in hlo
