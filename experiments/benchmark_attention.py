@@ -12,8 +12,6 @@ fresh Python process that runs one case, plus XLA's temp-buffer size for the com
 
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,6 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import attnjax
+from experiments.benchmarking import machine, peak_rss_mb
 
 _QUICK = flags.DEFINE_bool("quick", False, "Only the headline shape.")
 _LONG = flags.DEFINE_bool("long", False, "Add the long-sequence memory cases (slow).")
@@ -155,15 +154,6 @@ def measure_child(spec: dict) -> dict:
               first_call_s=seconds)
 
 
-def peak_rss_mb() -> float:
-  """Peak resident memory of this process. (ru_maxrss would count the parent's RSS at fork.)"""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 1024
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
-
-
 def measure_memory(impl: str, shape, mode: str) -> dict:
   spec = json.dumps(dict(impl=impl, shape=list(shape), mode=mode))
   proc = subprocess.run([sys.executable, "-m", "experiments.benchmark_attention",
@@ -260,25 +250,6 @@ def plot(sweep_rows: list[dict], path: str) -> None:
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=120)
-
-
-def machine() -> dict:
-  """The machine and library versions the figures were measured with."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  try:
-    import torch  # noqa: PLC0415
-    torch_version = torch.__version__
-  except ImportError:
-    torch_version = None
-  import flax  # noqa: PLC0415
-  return dict(cpu=cpu, cores=os.cpu_count(), device=jax.devices()[0].device_kind,
-              python=platform.python_version(), jax=jax.__version__, flax=flax.__version__,
-              torch=torch_version, load_average=os.getloadavg()[0])
 
 
 def main(argv):

@@ -34,7 +34,7 @@ from absl import app, flags, logging
 
 import attnjax
 from attnjax import masks, score_mods
-from experiments.benchmark_attention import machine, peak_rss_mb
+from experiments.benchmarking import machine, peak_rss_mb
 
 _QUICK = flags.DEFINE_bool("quick", False, "Skip the 32k-token memory cases.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per case (median reported).")
