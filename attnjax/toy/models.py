@@ -161,9 +161,11 @@ class Embed(nn.Module):
         prev_BKD = cached.value
         cached.value = jnp.concatenate([prev_BKD, x_BLD], axis=-2)[..., L:, :]
     padded = jnp.concatenate([prev_BKD, x_BLD], axis=-2)  # [B, k - 1 + L, D]
+    per_feature = (1,) * (x_BLD.ndim - 1) + (x_BLD.shape[-1],)  # Explicit broadcasting.
     out_BLD = x_BLD
     for j in range(1, k):
-      out_BLD = out_BLD + self.conv_weights[j - 1] * padded[..., k - 1 - j:k - 1 - j + L, :]
+      w_j = self.conv_weights[j - 1].reshape(per_feature)
+      out_BLD = out_BLD + w_j * padded[..., k - 1 - j:k - 1 - j + L, :]
     return out_BLD
 
   def attend(self, x: Array) -> Array:
