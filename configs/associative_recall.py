@@ -7,20 +7,40 @@ Command:
   python -m experiments.copy_task --config configs/associative_recall.py \
       --workdir runs/associative_recall
 
-Result (2-core CPU, one device), not reliable across machines: on another machine of the same
-kind the default seed ended at exact match 0.596 (token accuracy 0.83; 2 min 18 s) and seed 1
-at 1.000, because trajectories differ with floating-point reductions and this recipe sits at
-the edge of its plateau. On the machine it was tuned on: greedy exact match 1.000 on 1,000
-held-out sequences of 2-4 pairs (token accuracy 1.000; 21% of them also occur in the training
-stream, and the exact match on the other 79% is 1.000). Held-out exact match every 1,000 steps:
-0.28, 0.44, 0.55, 0.996, 1.0, 1.0 (the plateau breaks between steps 3,000 and 4,000). At 2x (8
-pairs) exact match 0.688 (token accuracy 0.890); at 4x (16 pairs) 0.048 (token accuracy 0.463).
-105 s of wall time (load average about 3). Seed 1 also reaches 1.000 (0.849 at 2x, 0.097 at
-4x). The 2-layer version of this config plateaus: exact match 0.688 after 6,000 steps, 0.759
-after 12,000; 0.27 with d_model 128 and 8 heads and 0.53 with 8 heads at d_model 64 (6,000
-steps); 0.26-0.28 with a peak rate of 1e-2, batch 256, or d_model 128 at 1e-3 (3,000 steps);
-0.10 with sinusoidal positions, 2-8 pairs and 4 queries (3,000 steps). Zoology's 2-layer models
-reach ~100% with far longer training (millions of examples, tuned rates). """
+Recipe: 2 layers (d_model 64, 4 heads, MLP 128, rotary), a short convolution of kernel 3 over
+the token embeddings, Adam at 3e-3 with cosine decay, batch 64, 1,500 steps (70k parameters).
+
+Result (2-core CPU, AMD EPYC, one device): every seed checked reaches greedy exact match
+1.000 on 1,000 held-out sequences of 2-4 pairs (token accuracy 1.000); none of them is a seed
+used to choose the recipe (100-104).
+
+* Seeds 0 (the default) and 2000-2004, on this code: 6 of 6 reach 1.000 (held-out exact
+  match 0.975-0.997 at step 250, >= 0.998 from step 500 on). At 2x (8 pairs) exact match
+  0.956-0.995 (token accuracy 0.985-0.998); at 4x (16 pairs) 0.721-0.849 (token accuracy
+  0.900-0.948). 216-247 s of wall time per run, inflated by other jobs that kept the load
+  average at 5-10 on the 2 cores; process CPU time (user + system) 101-117 s.
+* Seeds 0-4 and 1000-1004, in an earlier check on older code: 10 of 10 reach 1.000 (0.99
+  by step 250 or 500); 0.952-0.995 at 2x (token accuracy 0.983-0.998), 0.745-0.901 at 4x
+  (0.907-0.966); 64-98 s per run at load average 1.4-4.
+
+6-8% of the held-out sequences also occur in the training stream; the exact match on the
+others is 1.000 on every seed. Seed 0 gave 0.982 at 2x and 0.756 at 4x here, 0.979 and
+0.781 in the earlier check: trajectories differ across machines and with small changes to
+the compiled program (floating-point reductions differ), so expect other figures at 2x and
+4x, while the training lengths are solved with steps to spare.
+
+Why the convolution: without it, the model must learn two look-ups by position with
+attention (each value's key, one token back; each answer slot's query, two back) before any
+head can match a query with a key, and it sits on a plateau at exact match ~0.3 (it answers
+with some value of the context) until it does. How long varies by seed and machine: the
+previous recipe (3 layers, no convolution, 6,000 steps) solved seed 0 on one machine and
+ended at 0.596 on another. On seeds 100-104 (500 held-out sequences; runs cut short once the
+picture was clear) every variant of it tried left at least one seed below 0.41 exact match: a
+peak rate of 1e-2 (after 1,750 steps), 1e-3, 8 heads, 4 layers, or layers without MLPs
+(2,500), RoPE base 100 or learned relative-position biases (3,000), a constant rate (3,500),
+and batch 256, 4x the compute per step (2,000; the other four seeds passed 0.99 at steps
+1,000-2,000). With the convolution, 2 layers pass 0.99 by step 250 on all five.
+"""
 
 import ml_collections
 
@@ -36,11 +56,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.task.max_length = 4  # Most key-value pairs (4x = 16 pairs = every key symbol).
   config.task.num_queries = 2  # Keys queried per example.
   config.model.arch = "decoder_only"  # One causal stack over BOS pairs queries SEP values EOS.
-  # Three layers: the 2-layer model (an induction-head circuit) plateaus here (0.69-0.76 exact
-  # match after 6,000-12,000 steps, also with d_model 128 or 8 heads); three solve it.
-  config.model.num_layers = 3
-  config.model.position = "rotary"  # Relative offsets ("the token after the key") come easier.
-  config.train.num_steps = 6000  # Training steps.
-  config.train.eval_every = 1000  # Steps between held-out evals.
-  config.train.checkpoint_every = 1000  # Steps between checkpoints.
+  config.model.num_layers = 2  # Two layers suffice with the short convolution (Zoology's 2).
+  config.model.position = "rotary"  # Relative offsets come easier than absolute positions.
+  # Each embedding also sees the two before it: a value its key, an answer slot its query.
+  # Without it, learning those look-ups is a long plateau whose length varies by seed.
+  config.model.short_conv = 3
+  config.train.num_steps = 1500  # Training steps (exact match passes 0.99 by step ~250).
+  config.train.eval_every = 250  # Steps between held-out evals.
+  config.train.checkpoint_every = 500  # Steps between checkpoints.
   return copy.finalize(config, arg)

@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.norm = "pre"  # pre (pre-LN, final LayerNorm per stack) or post (Vaswani).
   config.model.position = "sinusoidal"  # sinusoidal, rotary or none.
   config.model.tie_embeddings = True  # Output projection = decoder input embedding.
+  # Kernel size of a causal depthwise convolution over the token embeddings (Zoology's short
+  # convolution: each position also sees its predecessors); None = no convolution.
+  config.model.short_conv = config_dict.placeholder(int)
   config.model.kernel_init = "lecun_normal"  # lecun_normal or xavier_uniform.
   # Attention implementation, xla or blockwise; None = attnjax's default.
   config.model.implementation = config_dict.placeholder(str)

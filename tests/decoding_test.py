@@ -37,12 +37,13 @@ def _recompute_decode(model, params, batch, target_len):
   return seq[rows[:, None], prompt[:, None] + np.arange(target_len)]
 
 
-def _model_and_batch(arch, position, name="copy", num_kv_heads=None, norm="pre"):
+def _model_and_batch(arch, position, name="copy", num_kv_heads=None, norm="pre",
+                     short_conv=None):
   task = tasks.Task(name, num_symbols=16, min_length=2, max_length=6, num_queries=2)
   batch = task.sample(jax.random.key(0), 4)
   cfg = models.TransformerConfig(vocab_size=task.vocab_size, num_layers=2, d_model=32,
                                  num_heads=4, num_kv_heads=num_kv_heads, mlp_dim=64,
-                                 position=position, norm=norm)
+                                 position=position, norm=norm, short_conv=short_conv)
   model = models.make_model(arch, cfg)
   fmt = (tasks.encoder_decoder_example if arch == "encoder_decoder"
          else tasks.decoder_only_example)
@@ -52,20 +53,25 @@ def _model_and_batch(arch, position, name="copy", num_kv_heads=None, norm="pre")
   return task, model, params, batch
 
 
-@pytest.mark.parametrize("arch, position", [
-    ("encoder_decoder", "sinusoidal"), ("encoder_decoder", "rotary"),
-    ("decoder_only", "sinusoidal"), ("decoder_only", "rotary"), ("decoder_only", "none")])
-def test_cached_decoding_matches_recomputation(arch, position):
-  task, model, params, batch = _model_and_batch(arch, position, num_kv_heads=2)
+@pytest.mark.parametrize("arch, position, short_conv", [
+    ("encoder_decoder", "sinusoidal", None), ("encoder_decoder", "rotary", None),
+    ("decoder_only", "sinusoidal", None), ("decoder_only", "rotary", None),
+    ("decoder_only", "none", None), ("encoder_decoder", "rotary", 3),
+    ("decoder_only", "sinusoidal", 3)])
+def test_cached_decoding_matches_recomputation(arch, position, short_conv):
+  task, model, params, batch = _model_and_batch(arch, position, num_kv_heads=2,
+                                                short_conv=short_conv)
   got = decoding.greedy_decode(model, params, batch, target_len=task.target_len,
                                stop_at_eos=False)
   want = _recompute_decode(model, params, batch, task.target_len)
   np.testing.assert_array_equal(np.asarray(got), want)
 
 
-def test_decoder_only_prefill_matches_token_by_token():
+@pytest.mark.parametrize("short_conv", [None, 3])
+def test_decoder_only_prefill_matches_token_by_token(short_conv):
   task, model, params, batch = _model_and_batch("decoder_only", "rotary",
-                                                name="associative_recall", norm="post")
+                                                name="associative_recall", norm="post",
+                                                short_conv=short_conv)
   one_by_one = decoding.greedy_decode(model, params, batch, target_len=task.target_len,
                                       stop_at_eos=False)
   prefilled = decoding.greedy_decode(model, params, batch, target_len=task.target_len,

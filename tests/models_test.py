@@ -1,5 +1,7 @@
 """Tests of attnjax.toy.models: causality, padding invariance, sown weights, variants."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,10 +31,12 @@ def test_layer_norm_matches_flax():
   np.testing.assert_allclose(ours.apply(params, x), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("position, norm", [
-    ("sinusoidal", "pre"), ("rotary", "post"), ("none", "pre")])
-def test_decoder_only_is_causal(position, norm):
-  model = models.DecoderOnly(_config(position=position, norm=norm, num_kv_heads=2))
+@pytest.mark.parametrize("position, norm, short_conv", [
+    ("sinusoidal", "pre", None), ("rotary", "post", None), ("none", "pre", None),
+    ("rotary", "pre", 3)])
+def test_decoder_only_is_causal(position, norm, short_conv):
+  model = models.DecoderOnly(_config(position=position, norm=norm, num_kv_heads=2,
+                                     short_conv=short_conv))
   tokens = _tokens(0, (2, 9))
   params = jax.jit(model.init)(jax.random.key(1), tokens)["params"]
   apply = jax.jit(model.apply)
@@ -112,6 +116,27 @@ def test_dropout_is_active_only_when_not_deterministic():
   assert np.abs(a - b).max() > 1e-3
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_short_conv_adds_weighted_predecessors_to_the_embeddings(jit):
+  k, d = 3, 8
+  embed = models.Embed(_config(d_model=d, position="none", short_conv=k))
+  tokens = _tokens(0, (2, 6))
+  params = embed.init(jax.random.key(1), tokens, deterministic=True)["params"]
+  apply = functools.partial(embed.apply, {"params": params}, deterministic=True)
+  got = np.asarray((jax.jit(apply) if jit else apply)(tokens))
+  table = np.asarray(params["embedding"]["embedding"]) * np.sqrt(d)
+  w = np.asarray(params["short_conv"])
+  assert w.shape == (k - 1, d)
+  want = np.zeros((2, 6, d), np.float32)
+  for b in range(2):
+    for t in range(6):
+      want[b, t] = table[tokens[b, t]]
+      for j in range(1, k):
+        if t - j >= 0:
+          want[b, t] += w[j - 1] * table[tokens[b, t - j]]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_invalid_configs_are_rejected():
   with pytest.raises(ValueError, match="norm"):
     _config(norm="sandwich")
@@ -120,5 +145,7 @@ def test_invalid_configs_are_rejected():
   for bad in (3, 0):
     with pytest.raises(ValueError, match=f"num_kv_heads must be None or .*, got {bad}"):
       _config(num_kv_heads=bad)
+  with pytest.raises(ValueError, match="short_conv"):
+    _config(short_conv=1)
   with pytest.raises(ValueError, match="arch"):
     models.make_model("encoder_only", _config())

@@ -10,15 +10,17 @@ Two architectures share one layer stack:
   (causal self-attention, then cross-attention to the encoder's outputs).
 * :class:`DecoderOnly`: one causal stack over ``BOS x SEP y EOS``.
 
-With ``decode=True`` the decoder keeps a key/value cache (collection ``'cache'``) and its
-own position counter, so it can be stepped one token at a time (see
-:mod:`attnjax.toy.decoding`). With ``sow_weights=True`` every attention layer sows its
-probabilities ``[B, N, T, S]`` into ``'intermediates'``.
+With ``decode=True`` the decoder keeps a key/value cache (collection ``'cache'``), its own
+position counter and the last embeddings its short convolution reads, so it can be stepped
+one token at a time (see :mod:`attnjax.toy.decoding`). With ``sow_weights=True`` every
+attention layer sows its probabilities ``[B, N, T, S]`` into ``'intermediates'``.
 
 References:
   Vaswani et al. 2017, "Attention Is All You Need".
   Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture" (pre-LN).
   Su et al. 2021, "RoFormer" (rotary position embedding).
+  Arora et al. 2023, "Zoology: Measuring and Improving Recall in Efficient Language Models"
+  (a short convolution beside attention for associative recall).
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ class TransformerConfig:
     position: ``"sinusoidal"`` (added to the embeddings), ``"rotary"`` (applied to q and k)
       or ``"none"``.
     tie_embeddings: use the decoder's input embedding as its output projection.
+    short_conv: kernel size k of a causal depthwise convolution over the token embeddings:
+      each position's embedding gets ``w_j * e[t - j]`` added for ``j = 1 .. k - 1`` (learned
+      ``w_j [D]``; zeros before the first token), so one position sees its predecessors
+      without an attention head learning to look there (Zoology's short convolution). None:
+      no convolution.
     kernel_init: ``"lecun_normal"`` or ``"xavier_uniform"`` for every dense kernel.
     implementation: attention implementation passed to attnjax (None = fastest correct).
     decode: build the cached one-token-at-a-time decoder.
@@ -81,6 +88,7 @@ class TransformerConfig:
   norm: Norm = "pre"
   position: Position = "sinusoidal"
   tie_embeddings: bool = True
+  short_conv: int | None = None
   kernel_init: str = "lecun_normal"
   implementation: Implementation | None = None
   decode: bool = False
@@ -93,6 +101,8 @@ class TransformerConfig:
     if self.kernel_init not in KERNEL_INITS:
       raise ValueError(f"kernel_init must be one of {tuple(KERNEL_INITS)}, got "
                        f"{self.kernel_init!r}")
+    if self.short_conv is not None and self.short_conv < 2:
+      raise ValueError(f"short_conv must be None or a kernel size >= 2, got {self.short_conv}")
     if self.d_model % self.num_heads:
       raise ValueError(f"d_model={self.d_model} is not a multiple of num_heads={self.num_heads}")
     if self.num_kv_heads is not None and (self.num_kv_heads < 1
@@ -102,9 +112,11 @@ class TransformerConfig:
 
 
 class Embed(nn.Module):
-  """Token embedding scaled by sqrt(D), plus sinusoidal positions when configured.
+  """Token embedding scaled by sqrt(D), then the short convolution and sinusoidal positions
+  when configured.
 
-  In decode mode the position counter lives in ``'cache'`` under ``'position'``.
+  In decode mode the position counter lives in ``'cache'`` under ``'position'``, and the
+  last ``short_conv - 1`` token embeddings under ``'previous_embeddings'``.
   """
 
   config: TransformerConfig
@@ -113,6 +125,8 @@ class Embed(nn.Module):
   def __call__(self, tokens: Array, *, deterministic: bool) -> Array:
     cfg = self.config
     x = self.embedding(tokens) * jnp.sqrt(cfg.d_model).astype(jnp.float32)
+    if cfg.short_conv is not None:
+      x = self._short_conv(x)
     if cfg.position == "sinusoidal":
       length = tokens.shape[-1]
       positions = jnp.arange(length)
@@ -130,6 +144,29 @@ class Embed(nn.Module):
     self.embedding = nn.Embed(
         cfg.vocab_size, cfg.d_model,
         embedding_init=nn.initializers.normal(stddev=cfg.d_model**-0.5))
+    if cfg.short_conv is not None:
+      # Row j - 1 weighs the embedding j positions back.
+      self.conv_weights = self.param(
+          "short_conv", nn.initializers.normal(stddev=cfg.short_conv**-0.5),
+          (cfg.short_conv - 1, cfg.d_model))
+
+  def _short_conv(self, x_BLD: Array) -> Array:
+    """``x + sum_j w_j * x[t - j]`` over ``[B, L, D]`` (in decode mode, continuing the
+    cached previous embeddings)."""
+    k, L = self.config.short_conv, x_BLD.shape[-2]
+    prev_BKD = jnp.zeros(x_BLD.shape[:-2] + (k - 1, x_BLD.shape[-1]), x_BLD.dtype)
+    if self.config.decode:
+      cached = self.variable("cache", "previous_embeddings", lambda: prev_BKD)
+      if not self.is_initializing():
+        prev_BKD = cached.value
+        cached.value = jnp.concatenate([prev_BKD, x_BLD], axis=-2)[..., L:, :]
+    padded = jnp.concatenate([prev_BKD, x_BLD], axis=-2)  # [B, k - 1 + L, D]
+    per_feature = (1,) * (x_BLD.ndim - 1) + (x_BLD.shape[-1],)  # Explicit broadcasting.
+    out_BLD = x_BLD
+    for j in range(1, k):
+      w_j = self.conv_weights[j - 1].reshape(per_feature)
+      out_BLD = out_BLD + w_j * padded[..., k - 1 - j:k - 1 - j + L, :]
+    return out_BLD
 
   def attend(self, x: Array) -> Array:
     """Logits ``[..., V]`` from the transposed embedding."""

@@ -189,7 +189,8 @@ def make_model(config: ml_collections.ConfigDict, task: tasks.Task) -> nn.Module
       num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, mlp_dim=c.mlp_dim,
       dropout_rate=c.dropout_rate, attention_dropout_rate=c.attention_dropout_rate,
       norm=c.norm, position=c.position, tie_embeddings=c.tie_embeddings,
-      kernel_init=c.kernel_init, implementation=c.implementation))
+      short_conv=c.short_conv, kernel_init=c.kernel_init,
+      implementation=c.implementation))
 
 
 def make_format(model: nn.Module):
