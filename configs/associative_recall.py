@@ -17,8 +17,9 @@ used to choose the recipe (100-104).
 * Seeds 0 (the default) and 2000-2004, on this code: 6 of 6 reach 1.000 (held-out exact
   match 0.975-0.997 at step 250, >= 0.998 from step 500 on). At 2x (8 pairs) exact match
   0.956-0.995 (token accuracy 0.985-0.998); at 4x (16 pairs) 0.721-0.849 (token accuracy
-  0.900-0.948). 216-247 s of wall time per run, inflated by other jobs that kept the load
-  average at 5-10 on the 2 cores; process CPU time (user + system) 101-117 s.
+  0.900-0.948). 204-247 s of wall time per run, inflated by other jobs that kept the load
+  average at 5-10 on the 2 cores; process CPU time (user + system) 101-117 s. Seed 0 run
+  twice gave the same figures.
 * Seeds 0-4 and 1000-1004, in an earlier check on older code: 10 of 10 reach 1.000 (0.99
   by step 250 or 500); 0.952-0.995 at 2x (token accuracy 0.983-0.998), 0.745-0.901 at 4x
   (0.907-0.966); 64-98 s per run at load average 1.4-4.
