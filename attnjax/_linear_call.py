@@ -56,6 +56,10 @@ def _check_params() -> None:
 
 def _batch(axis_data, args, dims, *, callee, transpose_thunk, num_callee_consts, num_res):
   """vmap rule: the call on batched arguments as a call of the vmapped function."""
+  if all(d is None for d in dims):  # Nothing batched: the call as it was.
+    out = linear_call_p.bind(*args, callee=callee, transpose_thunk=transpose_thunk,
+                             num_callee_consts=num_callee_consts, num_res=num_res)
+    return out, [None] * len(out)
   n_fixed = num_callee_consts + num_res
   fixed, fixed_dims = list(args[:n_fixed]), list(dims[:n_fixed])
   mesh_axis = axis_data.explicit_mesh_axis
