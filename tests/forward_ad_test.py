@@ -113,6 +113,31 @@ def test_jvp_matches_dense_and_finite_differences(case, plan):
   _assert_close((d_out, d_lse), differences, 2e-3)
 
 
+def test_jvp_and_hvp_through_score_mod_arrays_and_sinks(plan):
+  # The arrays a score modifier closes over and the sinks are inputs of the custom derivative
+  # like q, k and v (with segment ids, integer inputs, alongside).
+  primals, tangents, opts = _problem(segments=True, is_causal=True)
+  rng = np.random.default_rng(3)
+  table, sinks = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((4, 5), (4,)))
+  primals, tangents = primals + (table, sinks), tangents + (-table, sinks)
+  cotangent = jnp.asarray(rng.normal(size=primals[0].shape), jnp.float32)
+
+  def attention(impl):
+    def fn(q, k, v, table, sinks):
+      return _attention(impl, dict(
+          opts, sinks=sinks, score_mod=lambda s, b, h, i, j: s + table[h, jnp.clip(i - j, 0, 4)]),
+          plan)(q, k, v)
+    return fn
+
+  def derivatives(impl):
+    grad = jax.grad(_loss(attention(impl), cotangent), tuple(range(5)))
+    return jax.jvp(attention(impl), primals, tangents)[1], jax.jvp(grad, primals, tangents)[1]
+
+  actual, expected = jax.jit(lambda: (derivatives("blockwise"), derivatives("xla")))()
+  _assert_close(actual, expected, 1e-4)
+  assert all(np.any(np.asarray(h) != 0) for h in actual[1][3:])
+
+
 def test_jacfwd_matches_jacrev_and_dense(plan):
   primals, _, opts = _problem(B=1, T=5, S=6, N=2, K=1, H=4, is_causal=True, bias=(1, 2, 5, 6))
   args = (0, 1, 2, 3)
