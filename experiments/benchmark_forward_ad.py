@@ -11,7 +11,6 @@ forward+backward (``jax.grad``), and a forward-over-reverse Hessian-vector produ
 """
 
 import json
-import os
 import statistics
 import time
 
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 from experiments import benchmark_attention as bench
-from experiments.benchmarking import machine
+from experiments.benchmarking import machine, write_results
 
 _QUICK = flags.DEFINE_bool("quick", False, "Only the headline shape.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per case (median reported).")
@@ -87,10 +86,7 @@ def main(argv):
       forward = next(r for r in rows if r["impl"] == row["impl"] and r["mode"] == "fwd")
       print(f"  {row['impl']:18s} {row['mode']:8s} {row['ms']:8.1f} {row['cpu_ms']:8.1f}"
             f" {row['cpu_ms'] / forward['cpu_ms']:6.2f} {row['xla_temp_mb'] or 0:11.1f}")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(results, f, indent=1)
-  print(f"\nWrote {_OUT.value}")
+  write_results(_OUT.value, results)
 
 
 if __name__ == "__main__":
