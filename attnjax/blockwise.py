@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
+from attnjax import _linear_call  # noqa: F401  Registers linear_call's vmap and JVP rules.
 from attnjax import masks as masks_lib
 from attnjax._scheduling import (
   _after,
@@ -513,20 +514,73 @@ def _add_bias_block(dbias5: Array, dbias: Array, i, j, plan: _Plan) -> Array:
   return lax.dynamic_update_slice(dbias5, current + dbias, starts)
 
 
-# ----------------------------------------------------------------------------- custom vjp
+# ----------------------------------------------------------------------------- derivatives
+#
+# _attend is a custom_jvp whose tangent is JAX's own JVP of the forward sweep (exact, memory
+# linear in the length, nothing saved), wrapped in ``linear_call`` with the FlashAttention-2
+# backward pass as its transpose: under jax.grad, JAX linearizes the JVP rule and transposes
+# the linear_call into _attend_bwd, so reverse mode runs _forward once and _attend_bwd once.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _attend(plan: _Plan, q5, k4, v4, ex: _Extras):
   return _forward(plan, q5, k4, v4, ex)
 
 
-def _attend_fwd(plan, q5, k4, v4, ex):
-  out5, lse4 = _forward(plan, q5, k4, v4, ex)
-  return (out5, lse4), (q5, k4, v4, ex, out5, lse4)
+def _attend_jvp(plan, primals, tangents):
+  out5, lse4 = _forward(plan, *primals)
+  leaves, tree = jax.tree.flatten(primals)
+  t_leaves = tree.flatten_up_to(tangents)
+  # Only inexact inputs with a nonzero tangent enter the linear call (integer leaves, such as
+  # segment ids, have none).
+  moved = [n for n, (x, t) in enumerate(zip(leaves, t_leaves))
+           if jnp.issubdtype(x.dtype, jnp.inexact)
+           and not isinstance(t, jax.custom_derivatives.SymbolicZero)]
+  if not moved:
+    return (out5, lse4), (jnp.zeros_like(out5), jnp.zeros_like(lse4))
+
+  def tangent(res, t_moved):
+    leaves, _, lse4 = res
+    def forward(*xs):
+      args = list(leaves)
+      for n, x in zip(moved, xs):
+        args[n] = x
+      return _forward(plan, *tree.unflatten(args))
+    dout5, dlse4 = jax.jvp(forward, [leaves[n] for n in moved], list(t_moved))[1]
+    # A row that sees no key (lse -inf) or a non-finite entry (lse NaN) has zero tangents, as
+    # it has zero gradients.
+    finite = jnp.isfinite(lse4)
+    keep = jnp.moveaxis(finite, 3, 1)[..., None]
+    return jnp.where(keep, dout5, 0).astype(dout5.dtype), jnp.where(finite, dlse4, 0.0)
+
+  def cotangent(res, cts):
+    leaves, out5, lse4 = res
+    grads = _attend_bwd(plan, (*tree.unflatten(leaves), out5, lse4), cts)
+    g_leaves = _leaf_cotangents(grads, tree.unflatten(leaves))
+    return [jnp.zeros_like(leaves[n]) if g_leaves[n] is None
+            else g_leaves[n].astype(leaves[n].dtype) for n in moved]
+
+  t_out = jax.custom_derivatives.linear_call(
+      tangent, cotangent, (leaves, out5, lse4), [t_leaves[n] for n in moved])
+  return (out5, lse4), tuple(t_out)
+
+
+_attend.defjvp(_attend_jvp, symbolic_zeros=True)
+
+
+def _leaf_cotangents(grads, primals) -> list:
+  """One cotangent per leaf of ``primals`` from ``grads``, a tree of the same structure in
+  which None stands for zeros of a whole subtree (None in the list)."""
+  g_leaves, g_tree = jax.tree.flatten(grads, is_leaf=lambda x: x is None)
+  out = []
+  for g, sub in zip(g_leaves, g_tree.flatten_up_to(primals)):
+    out.extend([g] if g is not None else [None] * len(jax.tree.leaves(sub)))
+  return out
 
 
 def _attend_bwd(plan, residuals, cotangents):
+  """The FlashAttention-2 backward pass: (dq5, dk4, dv4, dex) from the residuals
+  (q5, k4, v4, ex, out5, lse4) and the cotangents (dout5, dlse4); None in dex is zero."""
   q5, k4, v4, ex, out5, lse4 = residuals
   dout5, dlse4 = cotangents
   # Square blocks: each key block's sweep over query blocks then cuts out small blocks of q and
@@ -534,6 +588,3 @@ def _attend_bwd(plan, residuals, cotangents):
   plan = dataclasses.replace(plan, bq=min(plan.bq, plan.bk)).with_grid(ex.mask)
   dq5, dk4, dv4, dex = _backward(plan, q5, k4, v4, ex, out5, lse4, dout5, dlse4)
   return dq5.astype(q5.dtype), dk4.astype(k4.dtype), dv4.astype(v4.dtype), dex
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)

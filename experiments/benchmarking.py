@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts: the machine a figure was measured on, and memory."""
 
+import json
 import os
 import platform
 import resource
@@ -33,3 +34,11 @@ def machine() -> dict:
   return dict(cpu=cpu, cores=os.cpu_count(), device=jax.devices()[0].device_kind,
               python=platform.python_version(), jax=jax.__version__, flax=flax.__version__,
               torch=torch_version, load_average=os.getloadavg()[0])
+
+
+def write_results(path: str, results: dict) -> None:
+  """Writes a benchmark's results as JSON to ``path``, creating its folder, and says so."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(results, f, indent=1)
+  print(f"\nWrote {path}")

@@ -1,10 +1,12 @@
 """Shared pytest configuration and fixtures for the attnjax tests."""
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import hypothesis
 import jax
+import numpy as np
 import pytest
 
 # Strict broadcasting, as in jax's own tests: attnjax must not rely on implicit rank promotion,
@@ -31,3 +33,20 @@ def eager_and_jit() -> Callable[..., list[Any]]:
     return [call(arrays), jax.jit(call)(arrays)]
 
   return run
+
+
+@pytest.fixture(scope="session")
+def assert_no_quadratic_buffers() -> Callable[..., None]:
+  """Returns `check(compiled, T, S)`: asserts that a compiled attention program over T
+  queries and S keys holds no array of T * S / 8 elements or more, and at most T * S float32
+  of temporaries (dense attention keeps several float32 [N, T, S] arrays)."""
+
+  def check(compiled, T, S):
+    sizes = [int(np.prod([int(d) for d in dims.split(",")]))
+             for dims in re.findall(r"\[([0-9,]+)\]", compiled.as_text())]
+    assert max(sizes) < T * S // 8, max(sizes)
+    memory = compiled.memory_analysis()
+    if memory is not None:
+      assert memory.temp_size_in_bytes < 4 * T * S, memory.temp_size_in_bytes
+
+  return check
