@@ -27,8 +27,8 @@ do not see it (as in ``jax.nn`` and the kernels themselves), where ``"xla"`` and
 ``"blockwise"`` confine it to the rows that see it.
 
 On a machine without the kernel's hardware, ``"pallas_gpu"`` and ``"splash"`` run in Pallas's
-interpret mode (for testing: correct but slow), with a one-time :class:`InterpretModeWarning`;
-``"cudnn"`` needs a GPU.
+interpret mode (for testing: correct but slow), with an :class:`InterpretModeWarning` (shown
+once per call site by Python's default warning filter); ``"cudnn"`` needs a GPU.
 
 References:
   Dao 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning".
@@ -260,6 +260,9 @@ def _shape_constraint(c: _Canonical, implementation: str) -> str | None:
   if any(jax.export.is_symbolic_dim(n) for n in (T, S)):
     return (f"implementation={implementation!r} needs static lengths, got T={T}, S={S}; "
             f"use implementation='xla'")
+  if 0 in (B, T, S, N, H):
+    return (f"implementation={implementation!r} needs non-empty inputs, got query "
+            f"{c.q.shape} and key {c.k.shape}; use 'xla' or 'blockwise'")
   parts = _split(c.mask)
   if implementation == "cudnn":
     if c.q.dtype not in (jnp.float16, jnp.bfloat16):
@@ -284,7 +287,22 @@ def _shape_constraint(c: _Canonical, implementation: str) -> str | None:
   if implementation == "splash" and len(parts.segments) > 1:
     return ("implementation='splash' takes one set of segment ids, got "
             f"{len(parts.segments)} Segments masks; use 'xla' or 'blockwise'")
+  if implementation == "splash" and not all(_of_positions(m) for m in parts.static):
+    return ("implementation='splash' evaluates masks of positions at trace time, but a "
+            "mask=MaskFn(...) reads traced data; implementations that support it: xla, "
+            "blockwise")
   return None
+
+
+def _of_positions(mask: masks_lib.Mask) -> bool:
+  """Whether a mask object can be evaluated at trace time (a MaskFn may read traced data)."""
+  try:
+    with jax.ensure_compile_time_eval():
+      index = jnp.zeros((1, 1), jnp.int32)
+      visible = mask(index, index, index, index)
+  except jax.errors.ConcretizationTypeError:
+    return False
+  return not isinstance(visible, jax.core.Tracer)
 
 
 def _same_ids(seg: masks_lib.Segments) -> bool:

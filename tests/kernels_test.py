@@ -256,6 +256,7 @@ ERRORS = [
     ("pallas_gpu", dict(T=128), {}, ["T=128, S=256"]),
     ("pallas_gpu", dict(T=96, S=96), {}, ["multiple of 128"]),
     ("pallas_gpu", dict(mask=masks.Causal(offset=2)), {}, ["Causal(offset=2)", "splash"]),
+    ("splash", dict(B=0), {}, ["non-empty", "(0, 256, 4, 64)"]),
     ("cudnn", dict(is_causal=True), dict(return_lse=True), ["return_lse", "pallas_gpu"]),
     ("cudnn", dict(dtype=jnp.float32), {}, ["float16 or bfloat16", "float32"]),
     ("cudnn", dict(local_window_size=(4, 4)), {}, ["right side", "is_causal"]),
@@ -270,6 +271,18 @@ def test_kernel_refuses_what_it_cannot_honour(implementation, arguments, options
         implementation], **options)
   for word in words:
     assert word in str(error.value)
+
+
+def test_splash_refuses_a_mask_fn_of_traced_data():
+  q, k, v = inputs(1, 128, 128, 2, 2, 8)
+
+  @jax.jit
+  def attend(q, k, v, limit):
+    mask = masks.MaskFn(lambda b, h, i, j: j <= limit)
+    return attnjax.dot_product_attention(q, k, v, mask=mask, implementation="splash")
+
+  with pytest.raises(ValueError, match="MaskFn.*reads traced data.*xla, blockwise"):
+    attend(q, k, v, jnp.int32(3))
 
 
 def test_refusal_through_dot_product_attention():
