@@ -118,8 +118,9 @@ def dot_product_attention(
       ``"pallas_gpu"`` and ``"splash"`` are the kernels of :mod:`attnjax.kernels`, each
       taking a subset of the arguments (others are a ``ValueError``); off their hardware the
       two Pallas ones run in interpret mode (slow, for testing).
-      Under shape-polymorphic ``jax.export``, every implementation takes symbolic batch dims;
-      symbolic lengths T or S need ``"xla"`` (which ``None`` then picks).
+      Under shape-polymorphic ``jax.export``, ``"xla"`` and ``"blockwise"`` take symbolic
+      batch dims (the kernels need static shapes); symbolic lengths T or S need ``"xla"``
+      (which ``None`` then picks).
     block_sizes: ``(block_q, block_k)`` for ``"blockwise"``'s forward pass (its backward pass
       uses ``min(block_q, block_k)`` queries per block); defaults from
       :func:`attnjax.blockwise.default_block_sizes`, where a symbolic batch size counts as 1.
@@ -289,6 +290,7 @@ def _choose_implementation(c: _Canonical, dropout_rate: float, return_weights: b
   if kernel is not None:
     return kernel
   B, T, N, _ = c.q.shape
+  B = 1 if jax.export.is_symbolic_dim(B) else B  # (As in default_block_sizes.)
   if memory_bytes is None:
     memory_bytes = _device_memory(backend)
   return "xla" if 4 * 4 * B * N * T * c.k.shape[1] <= memory_bytes // 2 else "blockwise"

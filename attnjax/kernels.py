@@ -257,9 +257,9 @@ def _shape_constraint(c: _Canonical, implementation: str) -> str | None:
   """What the kernel needs of the shapes, dtypes and masks beyond :data:`SUPPORT`, or None."""
   B, T, N, H = c.q.shape
   S = c.k.shape[1]
-  if any(jax.export.is_symbolic_dim(n) for n in (T, S)):
-    return (f"implementation={implementation!r} needs static lengths, got T={T}, S={S}; "
-            f"use implementation='xla'")
+  if any(jax.export.is_symbolic_dim(n) for n in c.q.shape + c.k.shape):
+    return (f"implementation={implementation!r} needs static shapes, got query {c.q.shape} "
+            f"and key {c.k.shape}; use 'xla' or 'blockwise'")
   if 0 in (B, T, S, N, H):
     return (f"implementation={implementation!r} needs non-empty inputs, got query "
             f"{c.q.shape} and key {c.k.shape}; use 'xla' or 'blockwise'")

@@ -229,6 +229,22 @@ def test_default_implementation_per_backend(backend, arguments, options, memory,
   assert chosen == expected
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_symbolic_batch_on_accelerators_picks_a_pure_jax_path(backend):
+  # Under shape-polymorphic export the kernels (static shapes only) are passed over.
+  b, = jax.export.symbolic_shape("b")
+  chosen = []
+
+  def choose(q, k, v):
+    c = attention._canonicalize(q, k, v, None, None, True, None, None, None, None, None)
+    chosen.append(attention._choose_implementation(c, 0.0, False, backend=backend,
+                                                   memory_bytes=GIB))
+    return q
+
+  jax.eval_shape(choose, *(jax.ShapeDtypeStruct((b, 256, 4, 64), jnp.bfloat16),) * 3)
+  assert chosen == ["xla"]
+
+
 def test_default_on_this_cpu_is_unchanged():
   q, k, v = inputs(1, 8, 8, 2, 2, 4)
   fn = jax.jit(attnjax.dot_product_attention, static_argnames=("is_causal", "implementation"))
