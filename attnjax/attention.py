@@ -31,11 +31,12 @@ import numpy as np
 from jax import Array
 from jax.typing import ArrayLike
 
-from attnjax import blockwise
+from attnjax import blockwise, kernels
 from attnjax import masks as masks_lib
 
-# The attention implementations: "xla" is the dense reference, "blockwise" the tiled one.
-Implementation = Literal["xla", "blockwise"]
+# The attention implementations: "xla" is the dense reference, "blockwise" the tiled one; the
+# others are accelerator kernels (attnjax.kernels).
+Implementation = Literal["xla", "blockwise", "cudnn", "pallas_gpu", "splash"]
 IMPLEMENTATIONS: tuple[Implementation, ...] = get_args(Implementation)
 
 # A large finite negative for masked logits: exp() of it is 0, and unlike -inf it never makes
@@ -117,10 +118,16 @@ def dot_product_attention(
     implementation: ``"xla"`` is the dense reference; ``"blockwise"`` is tiled with an online
       softmax and a recomputing backward pass (memory linear in length; no dropout, no
       ``return_weights``, a static ``scale``); ``None`` picks the fastest implementation that
-      supports the arguments: ``"xla"`` when weights, dropout or a traced scale are asked for
-      or the keys are short (S < 128 on CPU, S < 1024 elsewhere), else ``"blockwise"``.
-      Under shape-polymorphic ``jax.export``, every implementation takes symbolic batch dims;
-      symbolic lengths T or S need ``"xla"`` (which ``None`` then picks).
+      supports the arguments: ``"xla"`` when weights, dropout or a traced scale are asked for;
+      on CPU ``"xla"`` below 128 keys, else ``"blockwise"``; on GPU ``"cudnn"`` where it
+      applies, then ``"pallas_gpu"``; on TPU ``"splash"`` where it applies; then on GPU and
+      TPU ``"xla"`` while its logits fit in memory, else ``"blockwise"``. ``"cudnn"``,
+      ``"pallas_gpu"`` and ``"splash"`` are the kernels of :mod:`attnjax.kernels`, each
+      taking a subset of the arguments (others are a ``ValueError``); off their hardware the
+      two Pallas ones run in interpret mode (slow, for testing).
+      Under shape-polymorphic ``jax.export``, ``"xla"`` and ``"blockwise"`` take symbolic
+      batch dims (the kernels need static shapes); symbolic lengths T or S need ``"xla"``
+      (which ``None`` then picks).
     block_sizes: ``(block_q, block_k)`` for ``"blockwise"``'s forward pass (its backward pass
       uses ``min(block_q, block_k)`` queries per block); defaults from
       :func:`attnjax.blockwise.default_block_sizes`, where a symbolic batch size counts as 1.
@@ -160,13 +167,18 @@ def dot_product_attention(
     raise ValueError("dropout_rate > 0 needs a dropout_rng (a jax.random.key), got None")
   if implementation is None:
     implementation = ("xla" if precision is not None
-                      else _choose_implementation(c, dropout_rate, return_weights))
+                      else _choose_implementation(c, dropout_rate, return_weights, return_lse))
   elif implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, "
                      f"got {implementation!r}")
 
   if implementation == "xla":
     out, weights, lse = _dense(c, dropout_rate, dropout_rng, precision)
+  elif implementation in kernels.KERNELS:
+    out, lse = kernels.attention(c, implementation, return_lse=return_lse,
+                                 dropout_rate=dropout_rate, return_weights=return_weights,
+                                 precision=precision)
+    weights = None
   else:
     if precision is not None:
       raise ValueError(f"precision={precision!r} needs implementation='xla'")
@@ -277,20 +289,43 @@ def merge_attention(outputs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> 
   return out.astype(outs[0].dtype), lse
 
 
-def _choose_implementation(c: _Canonical, dropout_rate: float,
-                           return_weights: bool) -> Implementation:
-  """The fastest implementation that supports these arguments on this backend.
+def _choose_implementation(c: _Canonical, dropout_rate: float, return_weights: bool,
+                           return_lse: bool = False, backend: str | None = None,
+                           memory_bytes: int | None = None) -> Implementation:
+  """The fastest implementation that supports these arguments on ``backend`` (by default
+  ``jax.default_backend()``).
 
   Measured on CPU: the blockwise path is faster forward and backward from 128 keys on (2x at
-  B32 N4 T128 H64 forward+backward), and up to 1.8x slower forward+backward at 64 keys. The
-  GPU and TPU threshold is a guess, not a measurement.
+  B32 N4 T128 H64 forward+backward), and up to 1.8x slower forward+backward at 64 keys. On GPU
+  and TPU nothing was measured: a kernel that applies (``kernels.choose``), else, as
+  ``jax.nn.dot_product_attention`` does, dense ``"xla"``, as long as four float32 copies of
+  its logits take at most half of ``memory_bytes`` (the device's memory), else
+  ``"blockwise"``.
   """
   if return_weights or dropout_rate > 0.0 or isinstance(c.scale, jax.core.Tracer):
     return "xla"
   if any(jax.export.is_symbolic_dim(n) for n in (c.q.shape[1], c.k.shape[1])):
     return "xla"  # Blocks are planned for static lengths.
-  min_kv_len = 128 if jax.default_backend() == "cpu" else 1024
-  return "blockwise" if c.k.shape[1] >= min_kv_len else "xla"
+  backend = backend or jax.default_backend()
+  if backend == "cpu":
+    return "blockwise" if c.k.shape[1] >= 128 else "xla"
+  kernel = kernels.choose(c, backend, return_lse=return_lse)
+  if kernel is not None:
+    return kernel
+  B, T, N, _ = c.q.shape
+  B = 1 if jax.export.is_symbolic_dim(B) else B  # (As in default_block_sizes.)
+  if memory_bytes is None:
+    memory_bytes = _device_memory(backend)
+  return "xla" if 4 * 4 * B * N * T * c.k.shape[1] <= memory_bytes // 2 else "blockwise"
+
+
+def _device_memory(backend: str) -> int:
+  """Bytes of memory of the first device of ``backend`` (16 GiB if it does not say)."""
+  try:
+    stats = jax.local_devices(backend=backend)[0].memory_stats() or {}
+  except RuntimeError:  # No such backend here.
+    stats = {}
+  return int(stats.get("bytes_limit", 16 << 30))
 
 
 def _dense(c: _Canonical, dropout_rate: float, dropout_rng: Array | None,
