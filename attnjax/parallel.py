@@ -232,6 +232,8 @@ def _forward_step(ring: _Ring, device, source, q_parts, q_seg_parts, k, v, kv_se
   plans = ring.schedule(q_parts[0].shape[1], k_parts[0].shape[1])
   outs, lses = list(outs), list(lses)
   for (a, b), (bands, table) in plans.items():
+    if bands == [None]:  # This pair of chunks never sees anything (zigzag, causal).
+      continue
     out, lse = _switch(bands, table, device, source, functools.partial(_attend_chunk, ring),
                        _nothing_visible, q_parts[a], k_parts[b], v_parts[b], q_seg_parts[a],
                        kv_seg_parts[b])
@@ -324,6 +326,8 @@ def _ring_bwd(ring, residuals, cotangents):
     dq, dk, dv = split(dq), split(dk), split(dv)
     plans = ring.schedule(q_parts[0].shape[1], k_parts[0].shape[1])
     for (a, b), (bands, table) in plans.items():
+      if bands == [None]:
+        continue
       grads = _switch(bands, table, device, (device - s) % ring.n,
                       functools.partial(_grad_chunk, ring), _no_grad, q_parts[a], k_parts[b],
                       v_parts[b], q_seg_parts[a], kv_seg_parts[b], out_parts[a], lse_parts[a],
@@ -439,6 +443,11 @@ def ring_attention(
   positions for ``is_causal`` and ``local_window_size``. Queries and keys are sharded the same
   way; their lengths may differ (cross-attention), masks then align them top-left as
   :func:`attnjax.dot_product_attention` does.
+
+  With segment ids, or with ``strategy="all_gather"`` and a causal or window mask, the
+  blockwise path decides at run time which blocks to skip, and ``jax.shard_map``'s
+  type checks refuse that for now: call it under ``jax.shard_map(..., check_vma=False)``
+  (as :func:`sharded_ring_attention` does).
 
   Args:
     query: this device's queries ``[..., T, N, H]``.
@@ -639,7 +648,3 @@ def ring_work(num_devices: int, q_len: int, kv_len: int | None = None, *,
   for bands, table in ring.schedule(q_chunk, kv_chunk).values():
     work += np.array([sum(blocks(bands[i]) for i in row) for row in table])
   return work
-
-
-__all__ = ["Layout", "Strategy", "ring_attention", "ring_work", "sharded_ring_attention",
-           "zigzag_permute", "zigzag_unpermute"]
