@@ -325,13 +325,18 @@ def _ring_bwd(ring, residuals, cotangents):
     k_parts, v_parts, kv_seg_parts = map(split, (k, v, kv_seg))
     dq, dk, dv = split(dq), split(dk), split(dv)
     plans = ring.schedule(q_parts[0].shape[1], k_parts[0].shape[1])
+    # Pairs of chunks one after the other (each waits for the last one's gradients), so that
+    # XLA:CPU does not run them side by side with all their temporaries at once.
+    token = None
     for (a, b), (bands, table) in plans.items():
       if bands == [None]:
         continue
+      q_a, dout_a = blockwise._after(token, (q_parts[a], dout_parts[a]), True)
       grads = _switch(bands, table, device, (device - s) % ring.n,
-                      functools.partial(_grad_chunk, ring), _no_grad, q_parts[a], k_parts[b],
+                      functools.partial(_grad_chunk, ring), _no_grad, q_a, k_parts[b],
                       v_parts[b], q_seg_parts[a], kv_seg_parts[b], out_parts[a], lse_parts[a],
-                      dout_parts[a], dlse_parts[a])
+                      dout_a, dlse_parts[a])
+      token = blockwise._token(*grads)
       dq[a], dk[b], dv[b] = dq[a] + grads[0], dk[b] + grads[1], dv[b] + grads[2]
     # The gradients of the keys travel with them: after n steps both are back home.
     kv = _rotate(ring, (k, v, kv_seg, jnp.concatenate(dk, 1), jnp.concatenate(dv, 1)))
