@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
@@ -545,7 +545,8 @@ def sharded_ring_attention(
 
   The sequence is sharded over the mesh axis ``axis_name``, and optionally the first batch
   dim over ``batch_axis_name`` and the heads over ``head_axis_name`` (tensor parallelism);
-  the arrays are replicated over the mesh's other axes. Works under ``jax.jit`` and
+  the arrays are replicated over the mesh's other axes (and resharded so if the mesh has
+  explicit axes, as ``jax.make_mesh`` makes by default). Works under ``jax.jit`` and
   ``jax.grad``.
 
   Args:
@@ -600,6 +601,12 @@ def sharded_ring_attention(
   seg_spec = P(*lead, axis_name)
   lse_spec = P(*lead, head_axis_name, axis_name)
   segments = None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
+
+  if jax.sharding.AxisType.Explicit in mesh.axis_types:  # (shard_map reshards Auto axes)
+    def shard(x, spec):
+      return jax.sharding.reshard(x, NamedSharding(mesh, spec))
+    q, k, v = (shard(x, qkv_spec) for x in (q, k, v))
+    segments = jax.tree.map(lambda x: shard(x, seg_spec), segments)
 
   def local(q, k, v, segments):
     q_seg, kv_seg = (None, None) if segments is None else segments

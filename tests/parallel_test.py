@@ -223,8 +223,10 @@ def test_inside_shard_map_on_a_2d_mesh():
 
 @eight_devices
 def test_heads_and_batch_sharded_too():
+  """On a mesh with explicit axes, which the wrapper reshards its inputs for."""
   (q, k, v, dout), options = _problem(batch=(2,), T=32, N=4, K=2, segments=True)
-  mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "tensor", "seq"))
+  mesh = jax.make_mesh((2, 2, 2), ("data", "tensor", "seq"),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 3)
   attend = functools.partial(parallel.sharded_ring_attention, mesh=mesh, axis_name="seq",
                              batch_axis_name="data", head_axis_name="tensor", is_causal=True,
                              return_lse=True, **options)
