@@ -21,9 +21,10 @@ shards around once more, each with its gradient accumulators, so that dK and dV 
 home after n steps; each step's gradients come from the global output and log-sum-exp, so they
 are exactly the global gradients restricted to that pair of shards. No device ever holds more
 than its own queries and one shard of keys and values (plus one arriving): memory per device
-is linear in the local length. Masks use global positions: a step whose keys the causal or
-local-window mask hides from all of the device's queries is skipped (``lax.switch``), one it
-shows entirely runs unmasked. ``strategy="all_gather"`` gathers every key/value shard on
+is linear in the local length. Masks use global positions: at each step, a pair of (query,
+key) chunks that the causal or local-window mask hides entirely is skipped (``lax.switch``
+over the cases that occur), one it shows entirely runs unmasked; :func:`ring_work` counts
+the blocks each device computes. ``strategy="all_gather"`` gathers every key/value shard on
 every device first (``lax.all_gather``; memory linear in the global length), which is faster
 for short sequences; its gradients flow back by the gather's transpose, a reduce-scatter.
 
@@ -355,16 +356,15 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _GlobalBand(masks_lib.Mask):
-  """Key j is visible to query i iff ``lo <= (kv_start + j) - (q_start + i) <= hi`` (None:
-  unbounded), for starts known only at run time (``lax.axis_index``); its blocks are
-  classified at run time."""
+  """Key j is visible to query i iff ``lo <= j - (q_start + i) <= hi`` (None: unbounded),
+  for a start known only at run time (from ``lax.axis_index``); its blocks are classified at
+  run time."""
   q_start: Array
-  kv_start: Array
   lo: int | None = dataclasses.field(metadata=dict(static=True))
   hi: int | None = dataclasses.field(metadata=dict(static=True))
 
   def __call__(self, batch, head, q_idx, kv_idx):
-    diff = (kv_idx + self.kv_start) - (q_idx + self.q_start)
+    diff = kv_idx - (q_idx + self.q_start)
     visible = jnp.ones(diff.shape, bool)
     if self.lo is not None:
       visible &= diff >= self.lo
@@ -376,7 +376,7 @@ class _GlobalBand(masks_lib.Mask):
     if static_only:
       return None, None
     q0, q1 = (x + self.q_start for x in _block_ranges(q_len, block_q))
-    k0, k1 = (x + self.kv_start for x in _block_ranges(kv_len, block_k))
+    k0, k1 = _block_ranges(kv_len, block_k)
     first, last = k0[None, :] - q1[:, None], k1[None, :] - q0[:, None]
     empty, full = jnp.zeros(first.shape, bool), jnp.ones(first.shape, bool)
     if self.lo is not None:
@@ -408,8 +408,7 @@ def _all_gather(ring: _Ring, q, k, v, q_seg, kv_seg):
     start = ring.chunk(a, device) * q_a.shape[1]
     mask = None
     if (ring.lo, ring.hi) != (None, None):
-      mask = _GlobalBand(jnp.asarray(start, jnp.int32), jnp.zeros((), jnp.int32), ring.lo,
-                         ring.hi)
+      mask = _GlobalBand(jnp.asarray(start, jnp.int32), ring.lo, ring.hi)
     out, lse = attention.dot_product_attention(
         q_a, k_all, v_all, mask=mask, scale=ring.scale, q_segment_ids=q_seg_a,
         kv_segment_ids=kv_seg_all, logits_soft_cap=ring.soft_cap, return_lse=True,
