@@ -1,14 +1,14 @@
 r"""Benchmarks ring attention on 8 forced CPU devices against the single-device blockwise path.
 
-  python -m experiments.benchmark_ring            # about 10 minutes on 2 CPU cores
-  python -m experiments.benchmark_ring --quick    # 16,384 tokens only, a minute
-  python -m experiments.benchmark_ring --single_long   # + time one-device fwd+bwd at 131,072
+  python -m experiments.benchmark_ring                    # about 30 minutes on 2 CPU cores
+  python -m experiments.benchmark_ring --lengths=16384    # a few minutes
+  python -m experiments.benchmark_ring --lengths=131072 --paths=single  # one case
 
 For causal attention with one head of 64 (batch 1, float32), at the same total length, it
 reports per-device XLA temporary memory (``compile().memory_analysis()`` of the per-device
 program) and the median time of forward+backward, for the one-device blockwise path and for
-ring attention on 1, 2, 4 and 8 devices; then 8 devices x 16,384 tokens (131,072 in all).
-Last, the work of each device in blocks of logits (:func:`attnjax.parallel.ring_work`) for
+ring attention on 1, 2, 4 and 8 devices (at 131,072 tokens, time on 8 devices x 16,384 tokens
+and on one device only, once each). Last, the work of each device in blocks of logits (:func:`attnjax.parallel.ring_work`) for
 the contiguous and zigzag layouts, against full-mask work divided by two.
 
 The 8 devices are forced host devices sharing this machine's cores: times measure the total
@@ -36,9 +36,9 @@ from jax.sharding import Mesh  # noqa: E402
 import attnjax  # noqa: E402
 from attnjax import parallel  # noqa: E402
 
-_QUICK = flags.DEFINE_bool("quick", False, "Only the 16,384-token cases.")
-_SINGLE_LONG = flags.DEFINE_bool("single_long", False,
-                                 "Also time one-device fwd+bwd at 131,072 tokens (slow).")
+_LENGTHS = flags.DEFINE_list("lengths", ["16384", "131072"], "Total sequence lengths.")
+_PATHS = flags.DEFINE_list("paths", ["single", "ring"],
+                           "single: the one-device blockwise path; ring: ring attention.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats per case (median reported).")
 _OUT = flags.DEFINE_string("out", "runs/benchmark_ring.json", "Where to write the results.")
 
@@ -120,17 +120,18 @@ def main(argv):
   results = dict(machine=machine(), cases=[], work=[])
   print(json.dumps(results["machine"]), flush=True)
   repeats = _REPEATS.value
-  for length in (16384,) if _QUICK.value else (16384, 131072):
-    long = length > 16384
-    results["cases"].append(measure("single-device blockwise", single_device, length, 1,
-                                    timed=not long or _SINGLE_LONG.value, repeats=repeats))
-    for devices in (1, 2, 4, 8):
-      for layout in ("contiguous", "zigzag") if devices == 8 else ("contiguous",):
-        # At 131,072 tokens only 8 devices x 16,384 tokens is timed (once per layout).
-        timed = not long or devices == 8
-        results["cases"].append(measure(f"ring {layout}", ring(devices, layout), length,
-                                        devices, timed, 1 if long else repeats))
-    results["work"].append(work_balance(length, 8))
+  for length in map(int, _LENGTHS.value):
+    long = length > 16384  # Long cases are timed once; ring on fewer than 8 devices is not.
+    if "single" in _PATHS.value:
+      results["cases"].append(measure("single-device blockwise", single_device, length, 1,
+                                      timed=True, repeats=1 if long else repeats))
+    if "ring" in _PATHS.value:
+      for devices in (1, 2, 4, 8):
+        for layout in ("contiguous", "zigzag") if devices == 8 else ("contiguous",):
+          timed = not long or devices == 8
+          results["cases"].append(measure(f"ring {layout}", ring(devices, layout), length,
+                                          devices, timed, 1 if long else repeats))
+      results["work"].append(work_balance(length, 8))
   results["machine"]["load_average_end"] = os.getloadavg()[0]
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value, "w") as f:
