@@ -9,7 +9,7 @@ never imports Flax.
 import importlib
 from typing import TYPE_CHECKING
 
-from attnjax import blockwise, masks, positional, score_mods
+from attnjax import blockwise, masks, parallel, positional, score_mods
 from attnjax.attention import attention_weights, dot_product_attention, merge_attention
 from attnjax.masks import (
     causal_mask,
@@ -46,6 +46,7 @@ __all__ = [
     "merge_attention",
     "multi_head_attention",
     "padding_mask",
+    "parallel",
     "positional",
     "score_mods",
     "segment_mask",

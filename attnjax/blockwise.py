@@ -588,3 +588,63 @@ def _attend_bwd(plan, residuals, cotangents):
   plan = dataclasses.replace(plan, bq=min(plan.bq, plan.bk)).with_grid(ex.mask)
   dq5, dk4, dv4, dex = _backward(plan, q5, k4, v4, ex, out5, lse4, dout5, dlse4)
   return dq5.astype(q5.dtype), dk4.astype(k4.dtype), dv4.astype(v4.dtype), dex
+
+
+# ----------------------------------------------------------------------------- given results
+
+
+def blockwise_attention_backward(q: Array, k: Array, v: Array,
+                                 mask: masks_lib.Mask | None, out: Array, lse: Array,
+                                 dout: Array, dlse: Array | None = None, *, scale: float,
+                                 logits_soft_cap: float | None, block_q: int | None = None,
+                                 block_k: int | None = None) -> tuple[Array, Array, Array]:
+  """Gradients of :func:`blockwise_attention` on canonical inputs, given its results.
+
+  ``out`` and ``lse`` need not come from these keys: given the results of attention over a
+  larger set of keys (this set one of its parts), the gradients are those of the larger
+  attention restricted to this part, since ``p = exp(s - lse)`` and ``rowsum(dout * out)`` are
+  the larger attention's. Summing them over the parts gives its gradients (ring attention).
+
+  Args:
+    q: query ``[B, T, N, H]``.
+    k: key ``[B, S, K, H]``, same dtype as ``q``.
+    v: value ``[B, S, K, H]``, same dtype as ``q``.
+    mask: None or a :class:`attnjax.masks.Mask` in canonical form (batch dims flattened).
+    out: output ``[B, T, N, H]`` of the attention whose gradients are wanted.
+    lse: its float32 log-sum-exp ``[B, N, T]`` (-inf for a query with no visible key).
+    dout: cotangent of ``out``, ``[B, T, N, H]``.
+    dlse: None or the float32 cotangent of ``lse``, ``[B, N, T]``.
+    scale: Python float multiplying q.k.
+    logits_soft_cap: None or c > 0, as in :func:`blockwise_attention`.
+    block_q: as in :func:`blockwise_attention` (the backward pass uses square blocks of
+      ``min(block_q, block_k)``).
+    block_k: as in :func:`blockwise_attention`.
+
+  Returns:
+    ``(dq, dk, dv)`` float32, shaped like ``q``, ``k`` and ``v``.
+  """
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  if 0 in (B, T, N, S):
+    return (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
+            jnp.zeros(v.shape, jnp.float32))
+  default_q, default_k = default_block_sizes(B * N, T, S)
+  bk = min(block_k or default_k, _next_pow2(S))
+  bq = min(block_q or default_q, _next_pow2(T), bk)
+  q_scale, scale = (float(scale), 1.0) if q.dtype == jnp.float32 else (1.0, float(scale))
+  plan = _Plan(scale=scale, q_scale=q_scale,
+               soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+               T=T, S=S, G=N // K, bq=bq, bk=bk, lanes=_default_lanes()).with_grid(mask)
+  pad_t, pad_s = plan.nq * bq - T, plan.nk * bk - S
+
+  def q5(x):  # [B, T, N, H] -> [B, Tp, K, G, H]
+    return _pad_axis(x, 1, pad_t).reshape(B, -1, K, plan.G, H)
+
+  def lse4(x, fill):  # [B, N, T] -> [B, K, G, Tp]; padded queries are empty
+    return jnp.pad(x, ((0, 0), (0, 0), (0, pad_t)), constant_values=fill).reshape(B, K, plan.G, -1)
+
+  dlse4 = lse4(jnp.zeros_like(lse) if dlse is None else dlse, 0.0)
+  dq5, dk4, dv4, _ = _backward(plan, q5(q), _pad_axis(k, 1, pad_s), _pad_axis(v, 1, pad_s),
+                               _Extras(bias=None, mask=mask), q5(out), lse4(lse, -jnp.inf),
+                               q5(dout), dlse4)
+  return dq5.reshape(B, -1, N, H)[:, :T], dk4[:, :S], dv4[:, :S]

@@ -195,3 +195,32 @@ def test_default_block_sizes():
   assert blockwise.default_block_sizes(1, 32768, 32768, "cpu") == (1024, 1024)
   assert blockwise.default_block_sizes(16, 2048, 2048, "cpu") == (256, 256)
   assert blockwise.default_block_sizes(1, 5, 3, "cpu") == (8, 4)
+
+
+@pytest.mark.parametrize("case", ["causal_window_segments", "mha_bias_col"])
+def test_backward_from_given_results_sums_over_key_parts(case):
+  """Gradients of each half of the keys, from the results over all keys, are the dense
+  attention's gradients restricted to that half."""
+  (q, k, v, _), opts = _problem(**{**CASES[case], "bias": None})
+  mask = attnjax.masks.from_arguments(opts["mask"], opts["is_causal"], opts["window"],
+                                      opts["q_segment_ids"], opts["kv_segment_ids"],
+                                      (q.shape[0],), q.shape[2], q.shape[1], k.shape[1])
+  rng = np.random.default_rng(2)
+  dout = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  dlse = jnp.asarray(rng.normal(size=(q.shape[0], q.shape[2], q.shape[1])), jnp.float32)
+  (out, lse), vjp = jax.vjp(lambda q, k, v: _dense(q, k, v, None, opts), q, k, v)
+  dq, dk, dv = vjp((dout, jnp.where(jnp.isfinite(lse), dlse, 0.0)))
+  B, T, N, _ = q.shape
+
+  def part(start, stop):  # keys [start, stop) and the mask on them
+    shifted = attnjax.masks.MaskFn(lambda b, h, i, j: mask(b, h, i, j + start))
+    return slice(start, stop), shifted.canonical((B,), N, T, stop - start)
+  parts = [part(0, 30), part(30, k.shape[1])]
+  grads = [blockwise.blockwise_attention_backward(
+      q, k[:, keys], v[:, keys], m, out, lse, dout, dlse, scale=q.shape[-1] ** -0.5,
+      logits_soft_cap=opts["logits_soft_cap"], block_q=8, block_k=16) for keys, m in parts]
+  np.testing.assert_allclose(grads[0][0] + grads[1][0], dq, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(jnp.concatenate([grads[0][1], grads[1][1]], 1), dk, atol=1e-5,
+                             rtol=1e-5)
+  np.testing.assert_allclose(jnp.concatenate([grads[0][2], grads[1][2]], 1), dv, atol=1e-5,
+                             rtol=1e-5)
