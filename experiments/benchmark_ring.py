@@ -9,7 +9,8 @@ reports per-device XLA temporary memory (``compile().memory_analysis()`` of the 
 program) and the median time of forward+backward, for the one-device blockwise path and for
 ring attention on 1, 2, 4 and 8 devices (at 131,072 tokens, time on 8 devices x 16,384 tokens
 and on one device only, once each). Last, the work of each device in blocks of logits
-(:func:`attnjax.parallel.ring_work`) for the contiguous and zigzag layouts, against full-mask work divided by two.
+(:func:`attnjax.parallel.ring_work`) for the contiguous and zigzag layouts, against full-mask
+work divided by two.
 
 The 8 devices are forced host devices sharing this machine's cores: times measure the total
 work, not the parallel speed-up that 8 real devices would give, and a device that waits does
