@@ -530,7 +530,7 @@ def _attend(plan: _Plan, q5, k4, v4, ex: _Extras):
 def _attend_jvp(plan, primals, tangents):
   out5, lse4 = _forward(plan, *primals)
   leaves, tree = jax.tree.flatten(primals)
-  t_leaves = tree.flatten_up_to(tangents)
+  t_leaves = tree.flatten_up_to(tangents)  # type: ignore[attr-defined]
   # Only inexact inputs with a nonzero tangent enter the linear call (integer leaves, such as
   # segment ids, have none).
   moved = [n for n, (x, t) in enumerate(zip(leaves, t_leaves))
@@ -573,7 +573,7 @@ def _leaf_cotangents(grads, primals) -> list:
   which None stands for zeros of a whole subtree (None in the list)."""
   g_leaves, g_tree = jax.tree.flatten(grads, is_leaf=lambda x: x is None)
   out = []
-  for g, sub in zip(g_leaves, g_tree.flatten_up_to(primals)):
+  for g, sub in zip(g_leaves, g_tree.flatten_up_to(primals)):  # type: ignore[attr-defined]
     out.extend([g] if g is not None else [None] * len(jax.tree.leaves(sub)))
   return out
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import Array
 from jax.typing import ArrayLike
 
-from attnjax import attention, multihead, positional
+from attnjax import attention, masks, multihead, positional
 
 Dtype = Any
 
@@ -139,7 +139,7 @@ class MultiHeadAttention(nn.Module):
       inputs_v: ArrayLike | None = None,
       *,
       inputs_kv: ArrayLike | None = None,
-      mask: ArrayLike | None = None,
+      mask: ArrayLike | masks.Mask | None = None,
       bias: ArrayLike | None = None,
       is_causal: bool = False,
       q_segment_ids: ArrayLike | None = None,
@@ -185,7 +185,7 @@ class MultiHeadAttention(nn.Module):
     shapes = multihead.projection_shapes(
         x_q.shape[-1], x_k.shape[-1], self.out_features or x_q.shape[-1], N, K, H,
         v_features=x_v.shape[-1])
-    params = {
+    params: dict[str, Any] = {
         name: _Projection(kernel_shape, bias_shape, n_in, self.use_bias,
                           *multihead.projection_initializers(
                               name, self.kernel_init, self.bias_init, self.out_kernel_init,

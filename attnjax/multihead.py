@@ -43,7 +43,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from attnjax import attention, masks, positional
 
-Params = dict[str, dict[str, Array]]
+Params = dict[str, Any]  # {group: {name: array}}, and "sinks": [N]
 Initializer = Callable[..., Array]
 # A replacement for attnjax.dot_product_attention; see multi_head_attention's attention_fn.
 AttentionFn = Callable[..., Any]
@@ -112,7 +112,7 @@ def init_multi_head_attention(
   out_features = in_features if out_features is None else out_features
   shapes = projection_shapes(in_features, kv_features, out_features, num_heads, num_kv_heads,
                              head_dim, v_features=v_features)
-  params = {}
+  params: Params = {}
   for rng_i, (name, (kernel_shape, bias_shape, n_in)) in zip(
       jax.random.split(rng, len(shapes)), shapes.items()):
     k_init, b_init = projection_initializers(name, kernel_init, bias_init, out_kernel_init,
@@ -230,7 +230,7 @@ def multi_head_attention(
     inputs_kv: ArrayLike | None = None,
     num_heads: int | None = None,
     num_kv_heads: int | None = None,
-    mask: ArrayLike | None = None,
+    mask: ArrayLike | masks.Mask | None = None,
     bias: ArrayLike | None = None,
     is_causal: bool = False,
     local_window_size: int | tuple[int, int] | None = None,
@@ -377,7 +377,8 @@ def multi_head_attention(
     if query_positions is None:
       query_positions = index + jnp.arange(T)
     if process_heads is not None:
-      query, key = process_heads(query, key, query_positions, query_positions)
+      positions = jnp.asarray(query_positions)
+      query, key = process_heads(query, key, positions, positions)
     cache = {
         "key": _write(cache["key"], key, index),
         "value": _write(cache["value"], value, index),
@@ -392,7 +393,8 @@ def multi_head_attention(
       query_positions = jnp.arange(x_q.shape[-2])
     if key_positions is None:
       key_positions = jnp.arange(x_k.shape[-2])
-    query, key = process_heads(query, key, query_positions, key_positions)
+    query, key = process_heads(query, key, jnp.asarray(query_positions),
+                               jnp.asarray(key_positions))
 
   result = call_attention_fn(
       attention_fn, query, key, value, bias=bias, mask=mask, is_causal=is_causal,
@@ -431,7 +433,7 @@ def _at_cache_positions(mask: Any, score_mod: Callable | None,
 
   def shifted(batch, head, q_idx, kv_idx):
     return rule(batch, head, q_idx + index, kv_idx)
-  at_positions = masks.MaskFn(shifted)
+  at_positions: masks.Mask = masks.MaskFn(shifted)
   if mask is not None:
     at_positions = at_positions & masks.as_mask(mask)
   if score_mod is not None:

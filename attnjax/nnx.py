@@ -26,7 +26,7 @@ from flax import nnx
 from jax import Array
 from jax.typing import ArrayLike
 
-from attnjax import attention, linen, multihead, positional
+from attnjax import attention, linen, masks, multihead, positional
 
 Dtype = Any
 
@@ -198,7 +198,7 @@ class MultiHeadAttention(nnx.Module):
       inputs_v: ArrayLike | None = None,
       *,
       inputs_kv: ArrayLike | None = None,
-      mask: ArrayLike | None = None,
+      mask: ArrayLike | masks.Mask | None = None,
       bias: ArrayLike | None = None,
       is_causal: bool = False,
       q_segment_ids: ArrayLike | None = None,

@@ -138,7 +138,7 @@ class _Ring:
   block_q: int | None
   block_k: int | None
 
-  def chunk(self, slot: int, device: int) -> int:
+  def chunk(self, slot: int, device: Any) -> Any:
     """Global chunk index of a device's chunk ``slot``."""
     return device if slot == 0 else 2 * self.n - 1 - device
 
@@ -186,17 +186,18 @@ def _global_band(is_causal: bool, window, q_len: int, kv_len: int) -> _Band:
 def _band_mask(band: _Band, q_seg: Array | None, kv_seg: Array | None) -> masks_lib.Mask | None:
   """The canonical mask object of a local band and the chunks' segment ids."""
   lo, hi = band
-  parts = []
+  parts: list[masks_lib.Mask] = []
   if hi is not None:
     parts.append(masks_lib.Causal(hi))  # j - i <= hi
   if lo is not None:
     parts.append(~masks_lib.Causal(lo - 1))  # not j - i <= lo - 1
   if q_seg is not None:
+    assert kv_seg is not None  # Segment ids come in pairs.
     parts.append(masks_lib.Segments(q_seg, kv_seg))
-  return functools.reduce(masks_lib.And, parts) if parts else None
+  return functools.reduce(lambda a, b: a & b, parts) if parts else None
 
 
-def _split(x: Array | None, parts: int, axis: int) -> list[Array | None]:
+def _split(x: Array | None, parts: int, axis: int) -> list[Any]:
   return [None] * parts if x is None else jnp.split(x, parts, axis=axis)
 
 
@@ -412,7 +413,8 @@ def _all_gather(ring: _Ring, q, k, v, q_seg, kv_seg):
     out, lse = attention.dot_product_attention(
         q_a, k_all, v_all, mask=mask, scale=ring.scale, q_segment_ids=q_seg_a,
         kv_segment_ids=kv_seg_all, logits_soft_cap=ring.soft_cap, return_lse=True,
-        block_sizes=None if ring.block_q is None else (ring.block_q, ring.block_k))
+        block_sizes=(None if ring.block_q is None or ring.block_k is None
+                     else (ring.block_q, ring.block_k)))
     outs.append(out)
     lses.append(lse)
   return _finish(q, outs, lses)

@@ -154,6 +154,7 @@ class Embed(nn.Module):
     """``x + sum_j w_j * x[t - j]`` over ``[B, L, D]`` (in decode mode, continuing the
     cached previous embeddings)."""
     k, L = self.config.short_conv, x_BLD.shape[-2]
+    assert k is not None  # Called only with a convolution.
     prev_BKD = jnp.zeros(x_BLD.shape[:-2] + (k - 1, x_BLD.shape[-1]), x_BLD.dtype)
     if self.config.decode:
       cached = self.variable("cache", "previous_embeddings", lambda: prev_BKD)
