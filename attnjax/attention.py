@@ -177,7 +177,7 @@ def dot_product_attention(
   elif implementation in kernels.KERNELS:
     out, lse = kernels.attention(c, implementation, return_lse=return_lse,
                                  dropout_rate=dropout_rate, return_weights=return_weights,
-                                 precision=precision)
+                                 precision=precision, sinks=c.sinks, score_mod=c.score_mod)
     weights = None
   else:
     if precision is not None:
@@ -309,7 +309,8 @@ def _choose_implementation(c: _Canonical, dropout_rate: float, return_weights: b
   backend = backend or jax.default_backend()
   if backend == "cpu":
     return "blockwise" if c.k.shape[1] >= 128 else "xla"
-  kernel = kernels.choose(c, backend, return_lse=return_lse)
+  kernel = kernels.choose(c, backend, return_lse=return_lse, sinks=c.sinks,
+                          score_mod=c.score_mod)
   if kernel is not None:
     return kernel
   B, T, N, _ = c.q.shape

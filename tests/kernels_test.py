@@ -314,3 +314,22 @@ def test_support_table_names_only_implementations():
   for feature, names in kernels.SUPPORT.items():
     assert set(names) <= set(attention.IMPLEMENTATIONS), feature
     assert "xla" in names, feature
+
+
+def test_public_function_passes_sinks_and_score_mod_to_the_kernels():
+  q, k, v = inputs(1, 128, 128, 2, 2, 16)
+  sinks = jnp.array([0.5, -1.0])
+  out, lse = attnjax.dot_product_attention(q, k, v, is_causal=True, sinks=sinks,
+                                           implementation="splash", return_lse=True)
+  ref, ref_lse = attnjax.dot_product_attention(q, k, v, is_causal=True, sinks=sinks,
+                                               implementation="xla", return_lse=True)
+  np.testing.assert_allclose(out, ref, **TOL)
+  np.testing.assert_allclose(lse, ref_lse, **TOL)
+  with pytest.raises(ValueError, match="score_mod"):
+    attnjax.dot_product_attention(q, k, v, score_mod=lambda s, *_: s, implementation="splash")
+  # None never picks a kernel that would drop the modifier.
+  c = attention._canonicalize(q, k, v, None, None, True, None, None, None, None, None,
+                              lambda s, *_: s, None)
+  for backend in ("gpu", "tpu"):
+    assert attention._choose_implementation(c, 0.0, False, False, backend=backend,
+                                            memory_bytes=2**34) in ("xla", "blockwise")
