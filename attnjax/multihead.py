@@ -387,6 +387,8 @@ def multi_head_attention(
     key, value = cache["key"].astype(dtype), cache["value"].astype(dtype)
     mask, score_mod = _at_cache_positions(mask, score_mod, local_window_size, index,
                                           x_q.shape[:-2], N, M)
+    if attention_fn is not attention.dot_product_attention:
+      mask = _dense_mask(mask, x_q.shape[:-2], N, T, M)  # What Flax-style functions take.
     is_causal, local_window_size = False, None
   elif process_heads is not None:
     if query_positions is None:
@@ -442,6 +444,22 @@ def _at_cache_positions(mask: Any, score_mod: Callable | None,
     def score_mod(score, batch, head, q_idx, kv_idx):
       return mod(score, batch, head, q_idx + index, kv_idx)
   return at_positions, score_mod
+
+
+def _dense_mask(mask: masks.Mask, batch_shape: tuple[int, ...], N: int, T: int,
+                M: int) -> Array:
+  """A mask object as a bool array ``[..., N|1, T, M]``, without leading dims of size 1."""
+  B = math.prod(batch_shape)
+  index = [jnp.arange(n, dtype=jnp.int32).reshape([n if a == axis else 1 for a in range(4)])
+           for axis, n in enumerate((B, N, T, M))]
+  visible = mask.canonical(batch_shape, N, T, M)(*index)
+  visible = visible.reshape((1,) * (4 - visible.ndim) + visible.shape)
+  if visible.shape[0] > 1:
+    return visible.reshape(tuple(batch_shape) + visible.shape[1:])
+  visible = visible[0]
+  while visible.ndim > 2 and visible.shape[0] == 1:
+    visible = visible[0]
+  return visible
 
 
 def call_attention_fn(attention_fn: AttentionFn, query: Array, key: Array, value: Array,

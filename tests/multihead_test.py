@@ -230,7 +230,7 @@ def test_qk_normalisation_is_a_layer_norm_of_each_head():
 
 ATTENTION_OPTIONS = {"bias", "mask", "is_causal", "local_window_size", "q_segment_ids",
                      "kv_segment_ids", "logits_soft_cap", "dropout_rate", "dropout_rng",
-                     "return_weights", "implementation", "precision"}
+                     "return_weights", "implementation", "precision", "score_mod", "sinks"}
 
 
 def test_attention_fn_gets_the_documented_arguments():
