@@ -151,11 +151,17 @@ def _lanes(work: list[int], lanes: int) -> list[list[int]]:
   return [sorted(b) for b in blocks if b]
 
 
-def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, shared, finish=None,
-           start=None, transpose: bool = False, runtime_empty: Array | None = None):
-  """Runs ``for o: c = init(o); for n in inner_blocks(o): c, shared = step(o, n, c, shared)``,
-  skipping the blocks (o, n) that the plan's static grid, or ``runtime_empty`` (bool
-  [nq, nk], traced), says are empty (``transpose``: o indexes key blocks, n query blocks).
+def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, shared=None, apply=None,
+           finish=None, start=None, transpose: bool = False,
+           runtime_empty: Array | None = None):
+  """Runs ``for o: c = init(o); for n in inner_blocks(o): c, u = step(o, n, c); shared =
+  apply(o, n, shared, u)``, skipping the blocks (o, n) that the plan's static grid, or
+  ``runtime_empty`` (bool [nq, nk], traced), says are empty (``transpose``: o indexes key
+  blocks, n query blocks). Without ``apply`` the updates ``u`` are dropped.
+
+  Where the data may hide a block, only ``step`` runs under ``lax.cond`` (an empty block
+  updates by zeros): full-size arrays passed through a conditional inside a loop are copied
+  on every iteration.
 
   The carry's last element is a :func:`_token` of the step's last results, which the next step
   (and the next outer block in the same lane) waits for; the first outer blocks wait for the
@@ -175,9 +181,13 @@ def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, shared, finish=N
 
   def guarded(o, n, carry, shared):  # step, or nothing where the data hide the whole block
     if runtime_empty is None:
-      return step(o, n, carry, shared)
-    return lax.cond(runtime_empty[o, n], lambda c, sh: (c, sh),
-                    lambda c, sh: step(o, n, c, sh), carry, shared)
+      carry, update = step(o, n, carry)
+    else:
+      def skip(c):
+        types = jax.eval_shape(lambda c: step(o, n, c), c)
+        return jax.tree.map(_like, (c, jax.tree.map(_zeros, types[1])), types)
+      carry, update = lax.cond(runtime_empty[o, n], skip, lambda c: step(o, n, c), carry)
+    return carry, (shared if apply is None else apply(o, n, shared, update))
 
   if plan.unrolled():
     def inner(o):
@@ -201,18 +211,49 @@ def _sweep(plan: _Plan, n_outer: int, inner_blocks, init, step, shared, finish=N
     return state["shared"], jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=3), *results)
 
   hull = None if runtime_empty is None else _hulls(jnp.logical_not(runtime_empty))
+  # Inside jax.shard_map a loop's carry must enter with the types the step gives it back.
+  types = _loop_types(lambda c: guarded(0, 0, *c), (init(0), shared))
+  shared = jax.tree.map(_like, shared, types[1])
 
   def outer(shared, o):
     lo, hi = inner_blocks(o)
     if hull is not None:  # Only the blocks between the first and last the data show.
       lo = jnp.maximum(lo, hull[0][o])
       hi = jnp.maximum(lo, jnp.minimum(hi, hull[1][o]))
-    carry, shared = lax.fori_loop(lo, hi, lambda n, c: guarded(o, n, *c), (init(o), shared))
+    carry = jax.tree.map(_like, init(o), types[0])
+    carry, shared = lax.fori_loop(lo, hi, lambda n, c: guarded(o, n, *c), (carry, shared))
     return shared, finish(o, carry)
 
   shared, results = lax.scan(outer, shared, jnp.arange(n_outer))
   join = lambda x: jnp.moveaxis(x, 0, 3).reshape(x.shape[1:4] + (-1,) + x.shape[5:])  # noqa: E731
   return shared, jax.tree.map(join, results)
+
+
+def _loop_types(body, carry):
+  """The types a loop ``carry = body(carry)`` settles on: under ``jax.shard_map``, the carry
+  varies over every mesh axis that anything the body reads varies over."""
+  for _ in range(len(jax.tree.leaves(carry)) + 1):
+    types = jax.eval_shape(body, carry)
+    cast = jax.tree.map(_like, carry, types)
+    if all(jax.typeof(a) == jax.typeof(b) for a, b in
+           zip(jax.tree.leaves(cast), jax.tree.leaves(carry))):
+      return types
+    carry = cast
+  raise AssertionError("unreachable: each pass adds an axis to some leaf")
+
+
+def _zeros(struct) -> Array:
+  return jnp.zeros(struct.shape, struct.dtype)
+
+
+def _like(x: Array, struct) -> Array:
+  """x, marked as varying over the ``jax.shard_map`` axes that ``struct`` (a result type of
+  the step) varies over: both branches of a conditional must return the same types."""
+  manual = getattr(struct, "manual_axis_type", None)
+  if manual is None:
+    return x
+  axes = tuple(manual.varying - jax.typeof(x).manual_axis_type.varying)
+  return lax.pcast(x, axes, to="varying") if axes else x
 
 
 def _add_block(x: Array, update: Array, axis: int, index, size: int) -> Array:

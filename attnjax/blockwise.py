@@ -396,7 +396,7 @@ def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
     return (q_block(i), jnp.broadcast_to(m_start, rows), jnp.broadcast_to(sum_start, rows),
             jnp.zeros((B, K, G, plan.bq, H), jnp.float32), jnp.zeros((), jnp.float32))
 
-  def step(i, j, carry, shared):
+  def step(i, j, carry):
     q_blk, m, row_sum, acc, token = carry
     k_blk, v_blk = _after(token, (k_block(j), v_block(j)), unrolled)
     s, _, _ = _scores(plan, q_blk, k_blk, _slice_blocks(plan, ex, i, j), i, j)
@@ -407,7 +407,7 @@ def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
     pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v_blk.dtype), v_blk,
                     preferred_element_type=jnp.float32)
     acc = acc * alpha[..., None] + pv
-    return (q_blk, m_new, row_sum, acc, _token(m_new, row_sum, acc)), shared
+    return (q_blk, m_new, row_sum, acc, _token(m_new, row_sum, acc)), ()
 
   def finish(i, carry):  # The block's output [B, K, G, bq, H] and lse [B, K, G, bq].
     _, m, row_sum, acc, _ = carry
@@ -415,7 +415,7 @@ def _forward(plan: _Plan, q5: Array, k4: Array, v4: Array, ex: _Extras):
     return (acc * inv_sum[..., None]).astype(q5.dtype), m + jnp.log(row_sum)
 
   empty = masks_lib.runtime_block_empty(ex.mask, plan.T, plan.S, plan.bq, plan.bk)
-  _, (out, lse4) = _sweep(plan, plan.nq, plan.kv_blocks, init, step, None, finish,
+  _, (out, lse4) = _sweep(plan, plan.nq, plan.kv_blocks, init, step, finish=finish,
                           runtime_empty=empty)
   return jnp.moveaxis(out, 3, 1), lse4
 
@@ -451,8 +451,7 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
   def init(j):
     return k_block(j), v_block(j), jnp.zeros((), jnp.float32)
 
-  def step(j, i, carry, shared):
-    dq, dk, dv, dbias5, dscore = shared
+  def step(j, i, carry):  # The block's gradients, added in place by ``apply``.
     k_blk, v_blk, token = carry
     q_blk, do_blk = _after(token, (q_block(i), do_block(i)), unrolled)
     lse_blk, delta_blk = _block(lse_safe, 3, i, plan.bq), _block(delta, 3, i, plan.bq)
@@ -463,27 +462,35 @@ def _backward(plan: _Plan, q5, k4, v4, ex: _Extras, out5, lse4, dout5, dlse4):
     ds = p * (dp - delta_blk[..., None])
     if tanh is not None:
       ds = ds * (1 - tanh * tanh)
-    if dbias5 is not None:
-      axes = tuple(a for a in range(5) if dbias5.shape[a] == 1)
-      dbias5 = _add_bias_block(dbias5, jnp.sum(ds, axis=axes, keepdims=True), i, j, plan)
+    dbias = None
+    if ex.bias is not None:
+      axes = tuple(a for a in range(5) if ex.bias.shape[a] == 1)
+      dbias = jnp.sum(ds, axis=axes, keepdims=True)
+    d_consts = None
     if mod_vjp is not None:
       ds, d_consts = mod_vjp(ds)
-      dscore = tuple(map(_add_cotangent, dscore, d_consts))
     ds = ds.astype(q_blk.dtype)
     dq_blk = jnp.einsum("bkgqs,bksh->bkgqh", ds, k_blk, preferred_element_type=jnp.float32)
     dk_t = jnp.einsum("bkgqh,bkgqs->bkhs", q_blk, ds, preferred_element_type=jnp.float32)
     dv_t = jnp.einsum("bkgqh,bkgqs->bkhs", do_blk, p.astype(do_blk.dtype),
                       preferred_element_type=jnp.float32)
     # q_blk carries q_scale, so dk needs only the logit scale; dq needs both.
-    dq = add_dq(dq, i, dq_blk * (plan.scale * plan.q_scale))
-    dk = add_dk(dk, j, dk_t * plan.scale)
-    dv = add_dv(dv, j, dv_t)
-    return (k_blk, v_blk, _token(dq_blk, dk_t, dv_t)), (dq, dk, dv, dbias5, dscore)
+    update = (dq_blk * (plan.scale * plan.q_scale), dk_t * plan.scale, dv_t, dbias, d_consts)
+    return (k_blk, v_blk, _token(dq_blk, dk_t, dv_t)), update
+
+  def apply(j, i, shared, update):
+    dq, dk, dv, dbias5, dscore = shared
+    dq_blk, dk_t, dv_t, dbias, d_consts = update
+    if dbias is not None:
+      dbias5 = _add_bias_block(dbias5, dbias, i, j, plan)
+    if d_consts is not None:
+      dscore = tuple(map(_add_cotangent, dscore, d_consts))
+    return add_dq(dq, i, dq_blk), add_dk(dk, j, dk_t), add_dv(dv, j, dv_t), dbias5, dscore
 
   shared = (dq, dk, dv, None if ex.bias is None else jnp.zeros(ex.bias.shape, jnp.float32),
             tuple(map(_zero_cotangent, ex.score)))
   # The first key blocks wait for delta, so that XLA does not cut them out at the very start.
-  dq, dk, dv, dbias5, dscore = _sweep(plan, plan.nk, plan.q_blocks, init, step, shared,
+  dq, dk, dv, dbias5, dscore = _sweep(plan, plan.nk, plan.q_blocks, init, step, shared, apply,
                               transpose=True, runtime_empty=masks_lib.runtime_block_empty(
                                   ex.mask, plan.T, plan.S, plan.bq, plan.bk),
                               start=_token(delta))[0]

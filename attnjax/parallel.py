@@ -451,9 +451,8 @@ def ring_attention(
   :func:`attnjax.dot_product_attention` does.
 
   With segment ids, or with ``strategy="all_gather"`` and a causal or window mask, the
-  blockwise path decides at run time which blocks to skip, and ``jax.shard_map``'s
-  type checks refuse that for now: call it under ``jax.shard_map(..., check_vma=False)``
-  (as :func:`sharded_ring_attention` does).
+  blockwise path decides at run time which blocks to skip; this passes ``jax.shard_map``'s
+  type checks (``check_vma=True``, the default).
 
   Args:
     query: this device's queries ``[..., T, N, H]``.
@@ -616,7 +615,7 @@ def sharded_ring_attention(
 
   out, lse = jax.shard_map(
       local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
-      out_specs=(qkv_spec, lse_spec), check_vma=False)(q, k, v, segments)
+      out_specs=(qkv_spec, lse_spec))(q, k, v, segments)
   return (out, lse) if return_lse else out
 
 

@@ -16,8 +16,9 @@ slows them alike; ratios are within a group:
   ALiBi and with 16 packed documents; peak resident memory and XLA's temporary buffer.
 
 PyTorch FlexAttention is timed on the ALiBi and documents cases when ``torch`` is installed
-(``torch.nn.attention.flex_attention`` compiled with ``torch.compile``), else reported as not
-installed. Writes --out (JSON) with the machine's description.
+(``torch.nn.attention.flex_attention`` compiled with ``torch.compile``); a case it cannot run
+is reported with the reason (not installed; on CPU it has no backward pass). Writes --out
+(JSON) with the machine's description.
 """
 
 import json
@@ -73,14 +74,16 @@ def compiled(fn, args, mode: str):
   return (lambda: jax.block_until_ready(program(*args))), program
 
 
-def torch_flex(B, T, N, H, score_mod=None, segments=None):
-  """A FlexAttention run for causal attention, or None if torch is not installed."""
+def torch_flex(B, T, N, H, mode: str, score_mod=None, segments=None):
+  """A FlexAttention run for causal attention, or the reason there is none."""
   try:
     import torch  # noqa: PLC0415
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: PLC0415
   except ImportError:
-    return None
-  q, k, v = (torch.randn(B, N, T, H, requires_grad=True) for _ in range(3))
+    return "not installed"
+  if mode == "fwd+bwd" and not torch.cuda.is_available():
+    return "no CPU backward"  # (FlexAttention refuses inputs that require grad on CPU)
+  q, k, v = (torch.randn(B, N, T, H, requires_grad=mode != "fwd") for _ in range(3))
   if segments is not None:
     ids = torch.tensor(np.asarray(segments)[0])
     def rule(b, h, i, j):
@@ -91,7 +94,7 @@ def torch_flex(B, T, N, H, score_mod=None, segments=None):
   block_mask = create_block_mask(rule, None, None, T, T, device="cpu")
   flex = torch.compile(flex_attention)
 
-  def run(mode):
+  def run():
     out = flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
     if mode == "fwd+bwd":
       out.sum().backward()
@@ -99,8 +102,9 @@ def torch_flex(B, T, N, H, score_mod=None, segments=None):
 
 
 def time_group(cases: dict, mode: str, repeats: int) -> dict:
-  """Median seconds of each case's call (None for unavailable ones), cases taking turns."""
-  runs = {name: c for name, c in cases.items() if c is not None}
+  """Median seconds of each case's call, cases taking turns; an unavailable case (its value
+  the reason, a string) keeps its reason."""
+  runs = {name: c for name, c in cases.items() if callable(c)}
   times = {name: [] for name in runs}
   for _ in range(repeats + 1):  # the first turn warms up
     for name, run in runs.items():
@@ -108,7 +112,7 @@ def time_group(cases: dict, mode: str, repeats: int) -> dict:
       start = time.perf_counter()
       run()
       times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(times[name][1:]) if name in times else None
+  return {name: statistics.median(times[name][1:]) if name in times else cases[name]
           for name in cases}
 
 
@@ -128,8 +132,7 @@ def alibi_group(mode: str, repeats: int) -> dict:
           lambda q, k, v: jax.nn.dot_product_attention(q, k, v, bias=bias, mask=causal),
           args, mode)[0],
   }
-  flex = torch_flex(B, T, N, H, score_mod=_torch_alibi(N))
-  cases["torch FlexAttention + ALiBi"] = None if flex is None else (lambda: flex(mode))
+  cases["torch FlexAttention + ALiBi"] = torch_flex(B, T, N, H, mode, score_mod=_torch_alibi(N))
   return time_group(cases, mode, repeats)
 
 
@@ -150,8 +153,7 @@ def documents_group(mode: str, repeats: int) -> dict:
       "attnjax causal": compiled(attnjax_fn(is_causal=True), args, mode)[0],
       "attnjax 8 documents (traced ids)": compiled(attnjax_fn(), args + [ids], mode)[0],
   }
-  flex = torch_flex(B, T, N, H, segments=ids)
-  cases["torch FlexAttention 8 documents"] = None if flex is None else (lambda: flex(mode))
+  cases["torch FlexAttention 8 documents"] = torch_flex(B, T, N, H, mode, segments=ids)
   return time_group(cases, mode, repeats)
 
 
@@ -201,8 +203,9 @@ def report(title: str, group, repeats: int, reference: str) -> dict:
     cells, row = [], {}
     for mode, times in by_mode.items():
       seconds = times[name]
-      if seconds is None:
-        cells.append(f"{'not installed':>17s}")
+      if isinstance(seconds, str):
+        row[mode] = dict(unavailable=seconds)
+        cells.append(f"{seconds:>17s}")
         continue
       ratio = seconds / times[reference]
       row[mode] = dict(ms=seconds * 1e3, ratio_to_reference=ratio)
