@@ -77,18 +77,18 @@ def logical_shardings(tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   Returns:
     A pytree of ``NamedSharding`` in the structure of ``nn.unbox(tree)``. A boxed leaf is
     sharded by its logical axes, except on dims that its mesh axes do not divide (those are
-    replicated: e.g. one key/value head with two tensor devices). An unboxed 1-D leaf (the
-    flat optimizer moments of ``optax.flatten``) is sharded over every mesh axis if the
-    mesh size divides it; other unboxed leaves are replicated.
+    replicated: e.g. one key/value head with two tensor devices). Unboxed leaves are
+    replicated (among them the optimizer moments, which ``optax.flatten`` keeps as one flat
+    vector: sharding it would make XLA regather it into the parameters' layouts at every
+    step).
   """
   specs = nn.get_partition_spec(tree)
   specs = nn.logical_to_mesh(specs, rules)
   values = nn.unbox(tree)
 
   def sharding(value, spec):
-    if not isinstance(spec, P) or spec == P():
-      whole = value.ndim == 1 and value.shape[0] % mesh.size == 0 and mesh.size > 1
-      return NamedSharding(mesh, P(mesh.axis_names) if whole else P())
+    if not isinstance(spec, P):
+      return NamedSharding(mesh, P())
     axes = [a if a is None or value.shape[i] % _size(mesh, a) == 0 else None
             for i, a in enumerate(tuple(spec) + (None,) * (value.ndim - len(spec)))]
     return NamedSharding(mesh, P(*axes))
