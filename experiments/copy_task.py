@@ -8,13 +8,14 @@ r"""Trains and evaluates a Transformer on a toy task (copy, reverse, duplicate, 
 Writes config.json, metrics.jsonl, checkpoints/, results.json and figures to the workdir;
 rerunning resumes from the newest intact checkpoint. One run at a time holds a workdir, and a
 rerun that changes how training proceeds (seed, optimizer, batch size, ...) is refused unless
---allow_config_change is given (see attnjax.toy.train).
+--allow_config_change is given (see attnjax.toy.train). Under experiments.launch_local it
+is one process of a multi-process run.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from attnjax.toy import train
+from attnjax.toy import launch, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -31,6 +32,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  launch.initialize_from_environment()  # One of the processes of experiments.launch_local.
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                            allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
