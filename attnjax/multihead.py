@@ -55,10 +55,11 @@ QK_NORM_NAMES = ("query_ln", "key_ln")
 LAYER_NORM_EPSILON = 1e-6
 # The parameter of learnable attention sinks, a logit per query head [N].
 SINKS_NAME = "sinks"
-# Logical axis names of every parameter, in the layout of Params (Flax's logical
-# partitioning: the Linen and NNX modules annotate their parameters with them, and a mesh
-# with a rules table, such as attnjax.toy.sharding.DEFAULT_RULES, maps them to mesh axes).
-# With N and K on one mesh axis, grouped-query heads shard when both are multiples of its size.
+#: Logical axis names of every parameter, in the layout of Params (Flax's logical
+#: partitioning: the Linen and NNX modules annotate their parameters with them, and a mesh
+#: with a rules table, such as attnjax.toy.sharding.DEFAULT_RULES, maps them to mesh axes).
+#: With N and K on one mesh axis, grouped-query heads shard when both are multiples of its
+#: size.
 PARAM_AXES: dict[str, Any] = {
     "query": {"kernel": ("embed", "heads", "head_dim"), "bias": ("heads", "head_dim")},
     "key": {"kernel": ("embed", "kv_heads", "head_dim"), "bias": ("kv_heads", "head_dim")},
@@ -68,7 +69,7 @@ PARAM_AXES: dict[str, Any] = {
     "key_ln": {"scale": ("head_dim",)},
     SINKS_NAME: ("heads",),
 }
-# Logical axes of the inputs and outputs [batch, length, features] (leading dims unnamed).
+#: Logical axes of the inputs and outputs [batch, length, features] (leading dims unnamed).
 ACTIVATION_AXES = ("batch", "length", "embed")
 
 

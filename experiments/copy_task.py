@@ -24,6 +24,10 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "Resume even if the config changes fields that alter training (recorded in "
     "config_history.jsonl).")
+_CLUSTER = flags.DEFINE_bool(
+    "cluster", False,
+    "Join a multi-host run with jax.distributed.initialize() (on each host of a TPU slice or "
+    "GPU cluster); under experiments.launch_local the processes join without it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,7 +36,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  launch.initialize_from_environment()  # One of the processes of experiments.launch_local.
+  launch.initialize_from_environment(cluster=_CLUSTER.value)
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                            allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 

@@ -32,12 +32,17 @@ NUM_PROCESSES = "ATTNJAX_NUM_PROCESSES"
 PROCESS_ID = "ATTNJAX_PROCESS_ID"
 
 
-def initialize_from_environment() -> bool:
+def initialize_from_environment(cluster: bool = False) -> bool:
   """Joins the multi-process run described by the environment, if any.
 
   Call it before anything else uses JAX. With :data:`COORDINATOR_ADDRESS`,
   :data:`NUM_PROCESSES` and :data:`PROCESS_ID` set (by :func:`launch_local`), selects gloo
-  for CPU collectives and calls ``jax.distributed.initialize``; without them does nothing.
+  for CPU collectives and calls ``jax.distributed.initialize``; without them does nothing,
+  unless ``cluster``.
+
+  Args:
+    cluster: without the variables, call ``jax.distributed.initialize()`` with no arguments,
+      which reads a TPU slice's or a GPU cluster's own environment (SLURM, Open MPI, ...).
 
   Returns:
     Whether it initialised a multi-process run.
@@ -48,7 +53,9 @@ def initialize_from_environment() -> bool:
   names = (COORDINATOR_ADDRESS, NUM_PROCESSES, PROCESS_ID)
   values = [os.environ.get(name) for name in names]
   if not any(values):
-    return False
+    if cluster:
+      jax.distributed.initialize()
+    return cluster
   if not all(values):
     raise ValueError(f"set all of {names} or none, got "
                      f"{dict(zip(names, values, strict=True))}")

@@ -21,9 +21,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-# The mesh axes, in the order of config.mesh.shape.
+#: The mesh axes, in the order of config.mesh.shape.
 MESH_AXES = ("data", "tensor", "sequence")
-# Logical axis name -> mesh axis (None: replicated); Flax's rules format.
+#: Logical axis name -> mesh axis (None: replicated), in Flax's rules format.
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", "data"),
     ("length", "sequence"),

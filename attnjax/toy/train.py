@@ -1,10 +1,14 @@
 """Training loop for the toy tasks: data parallel, checkpointed, resumable.
 
 :func:`train_and_evaluate` is the whole experiment. Batches are generated inside the jitted
-train step from ``fold_in(key, step)`` and sharded over the ``data`` axis of a mesh of every
-local device (parameters and optimizer state replicated), so a run is a function of its
-config alone: the same seed gives the same metrics, on one device or eight up to float
-rounding, and a resumed run continues the same data stream.
+train step from ``fold_in(key, step)`` and sharded over the ``data`` axis of a
+``(data, tensor, sequence)`` mesh of every device (``config.mesh``; by default all on
+``data``), parameters by their logical axes (:mod:`attnjax.toy.sharding`), the flat
+optimizer moments replicated, so a run is a function of its config alone: the same seed
+gives the same metrics, on one device or eight, in one process or several, up to float
+rounding, and a resumed run continues the same data stream, whatever mesh saved it. In a
+multi-process run (:mod:`attnjax.toy.launch`) every process trains and writes its shards
+of the checkpoints; the first alone locks the workdir and writes the other files.
 
 Workdir layout::
 
@@ -279,7 +283,7 @@ class Experiment:
         jax.random.fold_in(root, i) for i in range(4))
     with self.sharding_context():
       boxed = jax.eval_shape(self._create_state)
-    # Parameters by their logical axes; optimizer moments as sharding.logical_shardings says.
+    # Parameters by their logical axes; the flat optimizer moments and the step replicated.
     self.state_sharding = sharding.logical_shardings(boxed, self.mesh, self.rules)
     self.train_step = self._in_context(jax.jit(
         self._train_step, donate_argnums=0, in_shardings=(self.state_sharding,),
