@@ -17,9 +17,9 @@ Shapes: inputs ``[..., T, D]``; attention weights ``[..., N, T, S]``; rotary inp
 Sharding: the parameters carry the logical axis names of
 :data:`attnjax.multihead.PARAM_AXES` as their ``out_sharding`` metadata, so
 ``nnx.get_partition_spec(nnx.state(module))`` under a rules table (``nn.logical_axis_rules``)
-gives their specs; under a mesh context (``jax.set_mesh``) they are sharded as they are
-created (Flax's eager sharding), and without one nothing changes. The output is constrained
-to :data:`attnjax.multihead.ACTIVATION_AXES`, as in :mod:`attnjax.linen`.
+gives their specs; under a mesh context (``jax.set_mesh``) and rules both, they are sharded
+as they are created (Flax's eager sharding), and without them nothing changes. The output
+is constrained to :data:`attnjax.multihead.ACTIVATION_AXES`, as in :mod:`attnjax.linen`.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ Dtype = Any
 
 def _param(value: Array, axes: tuple[str, ...]) -> nnx.Param:
   """An ``nnx.Param`` with logical axes ``out_sharding=axes``; sharded as it is created
-  (Flax's eager sharding) only under a mesh context, where the rules can apply."""
-  eager = None if nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty \
-      else False
+  (Flax's eager sharding) only under both a mesh and logical axis rules, which map them."""
+  eager = (nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+           and bool(nn.get_logical_axis_rules()))
   return nnx.Param(value, out_sharding=axes, eager_sharding=eager)
 
 

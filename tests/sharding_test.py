@@ -105,6 +105,18 @@ def test_logical_shardings_of_grouped_query_heads(num_kv_heads, kv_spec):
 
 
 @eight_devices
+def test_nnx_params_are_sharded_at_creation_under_a_mesh_and_rules():
+  mesh = sharding.make_mesh((2, 2, 2))
+  with jax.set_mesh(mesh):
+    plain = attn_nnx.MultiHeadAttention(8, 4, num_kv_heads=2, rngs=nnx.Rngs(0))
+    with nn.logical_axis_rules(sharding.DEFAULT_RULES):
+      sharded = attn_nnx.MultiHeadAttention(8, 4, num_kv_heads=2, rngs=nnx.Rngs(0))
+  assert sharded.key.kernel[...].sharding.spec == P(None, "tensor", None)
+  assert plain.key.kernel[...].sharding.is_fully_replicated  # no rules: not sharded
+  np.testing.assert_array_equal(sharded.key.kernel[...], plain.key.kernel[...])
+
+
+@eight_devices
 @pytest.mark.parametrize("length, options", [
     (17, dict(is_causal=True)), (12, dict()), (9, dict(mask="padding"))])
 def test_ring_attention_fn_matches_dense_attention(length, options):
