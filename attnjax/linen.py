@@ -10,6 +10,15 @@ Flax's names (``normalize_qk``, ``out_kernel_init``, ``out_bias_init``, ``precis
 ``attention_fn``; ``inputs_k``, ``inputs_v`` and ``dropout_rng`` at call time), so it can
 stand in for Flax's module.
 
+Sharding: the parameters carry the logical axis names of
+:data:`attnjax.multihead.PARAM_AXES` (:func:`with_logical_axes`), and the output is
+constrained to :data:`attnjax.multihead.ACTIVATION_AXES`. Under a rules table
+(``nn.logical_axis_rules``) ``init`` returns the parameters boxed as
+``flax.linen.LogicallyPartitioned`` (``nn.get_partition_spec`` and
+``nn.logical_to_mesh_sharding`` read them; ``nn.unbox`` gives the arrays; ``apply`` takes
+either), and under a mesh as well (``jax.set_mesh``) the output is constrained; without
+rules and mesh the parameters and outputs are exactly Flax's.
+
 Shapes: inputs ``[..., T, D]``; attention weights ``[..., N, T, S]``; rotary inputs
 ``[..., L, N, H]``.
 """
@@ -30,6 +39,28 @@ from attnjax import attention, masks, multihead, positional
 Dtype = Any
 
 
+def with_logical_axes(init: multihead.Initializer,
+                      names: tuple[str | None, ...]) -> multihead.Initializer:
+  """``init`` annotated with logical axis ``names`` while logical axis rules are set.
+
+  Under ``nn.logical_axis_rules(...)`` the parameter is created boxed, as by
+  ``nn.with_logical_partitioning(init, names)``, so that ``nn.get_partition_spec`` reads its
+  axes; without rules it is a plain array, as Flax's own modules create it.
+
+  Args:
+    init: an initialiser ``init(rng, shape, dtype)``.
+    names: a logical axis name (or None) per dim of the parameter.
+
+  Returns:
+    The annotated initialiser.
+  """
+  boxed = nn.with_logical_partitioning(init, names)
+
+  def annotated(*args, **kwargs):
+    return (boxed if nn.get_logical_axis_rules() else init)(*args, **kwargs)
+  return annotated
+
+
 class _Projection(nn.Module):
   """Holds one projection's ``kernel`` and ``bias`` and returns them as a dict."""
   kernel_shape: tuple[int, ...]
@@ -39,6 +70,7 @@ class _Projection(nn.Module):
   kernel_init: multihead.Initializer
   bias_init: multihead.Initializer
   param_dtype: Dtype
+  axes: dict[str, tuple[str, ...]]  # Logical axes of "kernel" and "bias".
 
   @nn.compact
   def __call__(self) -> dict[str, Array]:
@@ -48,9 +80,13 @@ class _Projection(nn.Module):
     def bias_init(rng, shape, dtype):
       return multihead.init_bias(self.bias_init, rng, shape, dtype)
 
-    p = {"kernel": self.param("kernel", kernel_init, self.kernel_shape, self.param_dtype)}
+    p = {"kernel": self.param(
+        "kernel", with_logical_axes(kernel_init, self.axes["kernel"]),
+        self.kernel_shape, self.param_dtype)}
     if self.use_bias:
-      p["bias"] = self.param("bias", bias_init, self.bias_shape, self.param_dtype)
+      p["bias"] = self.param(
+          "bias", with_logical_axes(bias_init, self.axes["bias"]), self.bias_shape,
+          self.param_dtype)
     return p
 
 
@@ -61,8 +97,9 @@ class _LayerNormScale(nn.Module):
 
   @nn.compact
   def __call__(self) -> dict[str, Array]:
-    return {"scale": self.param("scale", nn.initializers.ones, (self.features,),
-                                self.param_dtype)}
+    init = with_logical_axes(nn.initializers.ones,
+                                        multihead.PARAM_AXES["query_ln"]["scale"])
+    return {"scale": self.param("scale", init, (self.features,), self.param_dtype)}
 
 
 class MultiHeadAttention(nn.Module):
@@ -190,15 +227,17 @@ class MultiHeadAttention(nn.Module):
                           *multihead.projection_initializers(
                               name, self.kernel_init, self.bias_init, self.out_kernel_init,
                               self.out_bias_init),
-                          self.param_dtype, name=name)()
+                          self.param_dtype, multihead.PARAM_AXES[name], name=name)()
         for name, (kernel_shape, bias_shape, n_in) in shapes.items()
     }
     if self.normalize_qk:
       for name in multihead.QK_NORM_NAMES:
         params[name] = _LayerNormScale(H, self.param_dtype, name=name)()
     if self.sinks:
-      params[multihead.SINKS_NAME] = self.param(multihead.SINKS_NAME, nn.initializers.zeros,
-                                                (N,), self.param_dtype)
+      params[multihead.SINKS_NAME] = self.param(
+          multihead.SINKS_NAME, with_logical_axes(
+              nn.initializers.zeros, multihead.PARAM_AXES[multihead.SINKS_NAME]),
+          (N,), self.param_dtype)
     if self.dropout_rate > 0.0 and not nn.merge_param("deterministic", self.deterministic,
                                                       deterministic):
       if dropout_rng is None:
@@ -234,7 +273,7 @@ class MultiHeadAttention(nn.Module):
       cache_index.value = cache["index"]
     if sow_weights:
       self.sow("intermediates", "attention_weights", weights)
-    return out
+    return nn.with_logical_constraint(out, multihead.activation_axes(out.ndim))
 
 
 class SinusoidalPositionEmbedding(nn.Module):

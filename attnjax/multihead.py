@@ -55,6 +55,30 @@ QK_NORM_NAMES = ("query_ln", "key_ln")
 LAYER_NORM_EPSILON = 1e-6
 # The parameter of learnable attention sinks, a logit per query head [N].
 SINKS_NAME = "sinks"
+#: Logical axis names of every parameter, in the layout of Params (Flax's logical
+#: partitioning: the Linen and NNX modules annotate their parameters with them, and a mesh
+#: with a rules table, such as attnjax.toy.sharding.DEFAULT_RULES, maps them to mesh axes).
+#: With N and K on one mesh axis, grouped-query heads shard when both are multiples of its
+#: size.
+PARAM_AXES: dict[str, Any] = {
+    "query": {"kernel": ("embed", "heads", "head_dim"), "bias": ("heads", "head_dim")},
+    "key": {"kernel": ("embed", "kv_heads", "head_dim"), "bias": ("kv_heads", "head_dim")},
+    "value": {"kernel": ("embed", "kv_heads", "head_dim"), "bias": ("kv_heads", "head_dim")},
+    "out": {"kernel": ("heads", "head_dim", "embed"), "bias": ("embed",)},
+    "query_ln": {"scale": ("head_dim",)},
+    "key_ln": {"scale": ("head_dim",)},
+    SINKS_NAME: ("heads",),
+}
+#: Logical axes of the inputs and outputs [batch, length, features] (leading dims unnamed).
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+def activation_axes(ndim: int) -> tuple[str | None, ...]:
+  """Logical axes of an input or output ``[..., T, D]`` of ``ndim`` dims: the last of
+  :data:`ACTIVATION_AXES`, leading dims beyond the batch unnamed."""
+  return (None,) * max(ndim - 3, 0) + ACTIVATION_AXES[max(3 - ndim, 0):]
+
+
 # process_heads(query [..., T, N, H], key [..., S, K, H], query_positions [..., T],
 # key_positions [..., S]) -> (query, key): position handling of the projected heads.
 ProcessHeads = Callable[[Array, Array, Array, Array], tuple[Array, Array]]

@@ -13,6 +13,13 @@ them with ``nnx.capture``, e.g. ``nnx.capture(forward, nnx.Intermediate)``); dec
 
 Shapes: inputs ``[..., T, D]``; attention weights ``[..., N, T, S]``; rotary inputs
 ``[..., L, N, H]``.
+
+Sharding: the parameters carry the logical axis names of
+:data:`attnjax.multihead.PARAM_AXES` as their ``out_sharding`` metadata, so
+``nnx.get_partition_spec(nnx.state(module))`` under a rules table (``nn.logical_axis_rules``)
+gives their specs; under a mesh context (``jax.set_mesh``) and rules both, they are sharded
+as they are created (Flax's eager sharding), and without them nothing changes. The output
+is constrained to :data:`attnjax.multihead.ACTIVATION_AXES`, as in :mod:`attnjax.linen`.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -31,15 +39,24 @@ from attnjax import attention, linen, masks, multihead, positional
 Dtype = Any
 
 
+def _param(value: Array, axes: tuple[str, ...]) -> nnx.Param:
+  """An ``nnx.Param`` with logical axes ``out_sharding=axes``; sharded as it is created
+  (Flax's eager sharding) only under both a mesh and logical axis rules, which map them."""
+  eager = (nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+           and bool(nn.get_logical_axis_rules()))
+  return nnx.Param(value, out_sharding=axes, eager_sharding=eager)
+
+
 class _Projection(nnx.Module):
   """One projection's ``kernel`` and ``bias``."""
 
   def __init__(self, kernel_shape, bias_shape, num_input_axes, use_bias, kernel_init,
-               bias_init, param_dtype, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(multihead.init_kernel(
-        kernel_init, rngs.params(), kernel_shape, num_input_axes, param_dtype))
+               bias_init, param_dtype, axes, rngs: nnx.Rngs):
+    self.kernel = _param(multihead.init_kernel(
+        kernel_init, rngs.params(), kernel_shape, num_input_axes, param_dtype), axes["kernel"])
     self.bias = nnx.data(
-        nnx.Param(multihead.init_bias(bias_init, rngs.params(), bias_shape, param_dtype))
+        _param(multihead.init_bias(bias_init, rngs.params(), bias_shape, param_dtype),
+               axes["bias"])
         if use_bias else None)
 
   def as_dict(self) -> dict[str, Array]:
@@ -54,7 +71,8 @@ class _LayerNormScale(nnx.Module):
 
   def __init__(self, features: int, param_dtype: Dtype, rngs: nnx.Rngs):
     rngs.params()  # Drawn and unused, as by Flax's LayerNorm: later parameters match Flax's.
-    self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+    self.scale = _param(jnp.ones((features,), param_dtype),
+                        multihead.PARAM_AXES["query_ln"]["scale"])
 
   def as_dict(self) -> dict[str, Array]:
     return {"scale": self.scale[...]}
@@ -154,8 +172,9 @@ class MultiHeadAttention(nnx.Module):
       initializers = multihead.projection_initializers(name, kernel_init, bias_init,
                                                        out_kernel_init, out_bias_init)
       setattr(self, name, _Projection(kernel_shape, bias_shape, n_in, use_bias, *initializers,
-                                      param_dtype, rngs))
-    self.sinks = (nnx.Param(jnp.zeros((num_heads,), param_dtype)) if sinks
+                                      param_dtype, multihead.PARAM_AXES[name], rngs))
+    self.sinks = (_param(jnp.zeros((num_heads,), param_dtype),
+                         multihead.PARAM_AXES[multihead.SINKS_NAME]) if sinks
                   else nnx.data(None))
     self.rngs = (rngs["dropout"].fork() if keep_rngs and dropout_rate > 0.0
                  else nnx.data(None))
@@ -277,7 +296,7 @@ class MultiHeadAttention(nnx.Module):
       self.cache_index[...] = cache["index"]
     if sow_weights:
       self.sow(nnx.Intermediate, "attention_weights", weights)
-    return out
+    return nn.with_logical_constraint(out, multihead.activation_axes(out.ndim))
 
 
 class SinusoidalPositionEmbedding(nnx.Module):

@@ -619,6 +619,96 @@ def sharded_ring_attention(
   return (out, lse) if return_lse else out
 
 
+def ring_attention_fn(mesh: Mesh, axis_name: Hashable, *,
+                      batch_axis_name: Hashable | None = None,
+                      head_axis_name: Hashable | None = None,
+                      **options: Any) -> Callable[..., Any]:
+  """An ``attention_fn`` that runs :func:`sharded_ring_attention` over ``mesh``.
+
+  For the ``attention_fn`` hook of :func:`attnjax.multi_head_attention` and of the Linen and
+  NNX modules, so that a model built for one device attends with the sequence sharded over
+  ``axis_name``. It takes global ``query [..., T, N, H]`` and ``key``, ``value``
+  ``[..., S, K, H]`` and:
+
+  * pads T and S to multiples of the n devices of ``axis_name`` (the padding keys hidden by
+    segment ids, the padding queries dropped from the output), so any length works;
+  * shards the first batch dim over ``batch_axis_name`` and the heads over
+    ``head_axis_name`` where their sizes divide it (and replicates it over that axis where
+    not: e.g. a batch of one while decoding);
+  * turns a key-padding ``mask`` (bool, broadcastable to ``[..., 1, 1, S]``, True =
+    attend) into segment ids;
+  * with ``return_weights=True`` (attention maps, which ring attention never forms) runs
+    :func:`attnjax.dot_product_attention` instead, with ``implementation`` and
+    ``precision``, which the ring ignores.
+
+  Other options (``bias``, dropout, ``sinks``, ``score_mod``) are refused by
+  :func:`attnjax.multi_head_attention` (a TypeError) when they are set.
+
+  Args:
+    mesh: the mesh.
+    axis_name: the mesh axis of the sequence.
+    batch_axis_name: the mesh axis of the batch, or None.
+    head_axis_name: the mesh axis of the heads (tensor parallelism), or None.
+    **options: ``strategy`` and ``block_sizes`` of :func:`ring_attention` (the layout is
+      contiguous).
+
+  Returns:
+    ``attention_fn(query, key, value, *, mask, is_causal, local_window_size,
+    q_segment_ids, kv_segment_ids, logits_soft_cap, return_weights, implementation,
+    precision) -> out [..., T, N, H]`` (or ``(out, weights)`` with ``return_weights``).
+
+  Raises:
+    ValueError: (when called) for a mask that is not a key-padding mask, or a mask together
+      with segment ids.
+  """
+  def attention_fn(query, key, value, *, mask=None, is_causal=False, local_window_size=None,
+                   q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
+                   return_weights=False, implementation=None, precision=None):
+    common = dict(is_causal=is_causal, local_window_size=local_window_size,
+                  q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                  logits_soft_cap=logits_soft_cap)
+    if return_weights:
+      return attention.dot_product_attention(
+          query, key, value, mask=mask, return_weights=True, implementation=implementation,
+          precision=precision, **common)
+    q, k, v = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    batch, T, S = q.shape[:-3], q.shape[-3], k.shape[-3]
+    q_seg, kv_seg = q_segment_ids, kv_segment_ids
+    if mask is not None:
+      if (isinstance(mask, masks_lib.Mask) or jnp.ndim(mask) < 3
+          or jnp.shape(mask)[-3:-1] != (1, 1) or q_seg is not None):
+        raise ValueError(f"ring_attention_fn takes only a key-padding mask [..., 1, 1, S] "
+                         f"and no segment ids with it, got mask "
+                         f"{getattr(mask, 'shape', mask)!r}")
+      visible = jnp.broadcast_to(jnp.asarray(mask)[..., 0, 0, :], batch + (S,))
+      q_seg, kv_seg = jnp.zeros(batch + (T,), jnp.int32), visible.astype(jnp.int32) - 1
+    n = mesh.shape[axis_name]
+    pad_q, pad_kv = -T % n, -S % n
+    if pad_q or pad_kv:
+      if q_seg is None:
+        q_seg, kv_seg = jnp.zeros(batch + (T,), jnp.int32), jnp.zeros(batch + (S,), jnp.int32)
+      q_seg = jnp.broadcast_to(jnp.asarray(q_seg, jnp.int32), batch + (T,))
+      kv_seg = jnp.broadcast_to(jnp.asarray(kv_seg, jnp.int32), batch + (S,))
+      hidden = jnp.minimum(q_seg.min(), kv_seg.min()) - 1  # An id no real token has.
+
+      def pad(x, amount, axis, value=0):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, amount)
+        return jnp.pad(x, widths, constant_values=value)
+      q, k, v = pad(q, pad_q, -3), pad(k, pad_kv, -3), pad(v, pad_kv, -3)
+      q_seg, kv_seg = pad(q_seg, pad_q, -1, hidden), pad(kv_seg, pad_kv, -1, hidden)
+    def if_divides(name, dims):
+      return name if name is not None and all(d % mesh.shape[name] == 0 for d in dims) else None
+    out = sharded_ring_attention(
+        q, k, v, mesh=mesh, axis_name=axis_name,
+        batch_axis_name=if_divides(batch_axis_name, batch[:1]) if batch else None,
+        head_axis_name=if_divides(head_axis_name, (q.shape[-2], k.shape[-2])),
+        q_segment_ids=q_seg, kv_segment_ids=kv_seg, is_causal=is_causal,
+        local_window_size=local_window_size, logits_soft_cap=logits_soft_cap, **options)
+    return out[..., :T, :, :]
+  return attention_fn
+
+
 def ring_work(num_devices: int, q_len: int, kv_len: int | None = None, *,
               layout: Layout = "contiguous", is_causal: bool = False,
               local_window_size: int | tuple[int, int] | None = None,

@@ -75,6 +75,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 500  # Steps between checkpoints (and at the end).
   config.train.keep_checkpoints = 3  # Checkpoints kept.
 
+  config.mesh = ml_collections.ConfigDict()
+  # (data, tensor, sequence) device counts: batch, heads/MLP/vocabulary and sequence sharding
+  # (ring attention); data -1 = the devices left. None = (-1, 1, 1), data parallelism only.
+  config.mesh.shape = config_dict.placeholder(tuple)
+  # Logical axis rules ((name, mesh axis or None), ...); None = attnjax.toy.sharding's
+  # DEFAULT_RULES.
+  config.mesh.rules = config_dict.placeholder(tuple)
+
   config.eval = ml_collections.ConfigDict()
   config.eval.num_sequences = 1000  # Held-out sequences per length bucket.
   config.eval.length_multipliers = (2, 4)  # Extra buckets at these multiples of max_length.

@@ -26,6 +26,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 import flax.linen as nn
@@ -35,12 +36,16 @@ from jax import Array
 
 from attnjax import linen as attn_linen
 from attnjax import positional
-from attnjax.attention import Implementation
+from attnjax.attention import Implementation, dot_product_attention
+from attnjax.linen import with_logical_axes
 from attnjax.toy.tasks import PAD
 
 Position = Literal["sinusoidal", "rotary", "none"]
 Norm = Literal["pre", "post"]
 Arch = Literal["encoder_decoder", "decoder_only"]
+# Logical axes of the residual stream [B, L, D] (parameters and activations carry logical
+# axis names: see attnjax.toy.sharding for the rules that map them to mesh axes).
+ACTIVATION_AXES = ("batch", "length", "embed")
 POSITIONS: tuple[Position, ...] = get_args(Position)
 NORMS: tuple[Norm, ...] = get_args(Norm)
 KERNEL_INITS = {
@@ -75,6 +80,10 @@ class TransformerConfig:
     kernel_init: ``"lecun_normal"`` or ``"xavier_uniform"`` for every dense kernel.
     implementation: attention implementation passed to attnjax (None = fastest correct).
     decode: build the cached one-token-at-a-time decoder.
+    self_attention_fn: replaces :func:`attnjax.dot_product_attention` in self-attention
+      outside decoding (the ``attention_fn`` of :class:`attnjax.linen.MultiHeadAttention`),
+      e.g. :func:`attnjax.parallel.ring_attention_fn` over a mesh's sequence axis; None:
+      the default.
   """
 
   vocab_size: int
@@ -92,6 +101,7 @@ class TransformerConfig:
   kernel_init: str = "lecun_normal"
   implementation: Implementation | None = None
   decode: bool = False
+  self_attention_fn: Callable | None = None
 
   def __post_init__(self):
     if self.norm not in NORMS:
@@ -109,6 +119,12 @@ class TransformerConfig:
                                           or self.num_heads % self.num_kv_heads):
       raise ValueError(f"num_kv_heads must be None or a positive divisor of num_heads="
                        f"{self.num_heads}, got {self.num_kv_heads}")
+
+
+def _dense(features: int, kernel_init, axes: tuple[str, str], name: str | None = None):
+  """``nn.Dense`` whose kernel and bias carry the logical ``axes`` of its kernel."""
+  return nn.Dense(features, kernel_init=with_logical_axes(kernel_init, axes),
+                  bias_init=with_logical_axes(nn.initializers.zeros, axes[1:]), name=name)
 
 
 class Embed(nn.Module):
@@ -137,17 +153,19 @@ class Embed(nn.Module):
           counter.value = counter.value + length
       pe = positional.sinusoidal_position_encoding(positions, cfg.d_model)
       x = x + jnp.broadcast_to(pe, x.shape)
-    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
   def setup(self):
     cfg = self.config
     self.embedding = nn.Embed(
-        cfg.vocab_size, cfg.d_model,
-        embedding_init=nn.initializers.normal(stddev=cfg.d_model**-0.5))
+        cfg.vocab_size, cfg.d_model, embedding_init=with_logical_axes(
+            nn.initializers.normal(stddev=cfg.d_model**-0.5), ("vocab", "embed")))
     if cfg.short_conv is not None:
       # Row j - 1 weighs the embedding j positions back.
       self.conv_weights = self.param(
-          "short_conv", nn.initializers.normal(stddev=cfg.short_conv**-0.5),
+          "short_conv", with_logical_axes(nn.initializers.normal(stddev=cfg.short_conv**-0.5),
+                                          (None, "embed")),
           (cfg.short_conv - 1, cfg.d_model))
 
   def _short_conv(self, x_BLD: Array) -> Array:
@@ -183,8 +201,8 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (d,))
-    bias = self.param("bias", nn.initializers.zeros, (d,))
+    scale = self.param("scale", with_logical_axes(nn.initializers.ones, ("embed",)), (d,))
+    bias = self.param("bias", with_logical_axes(nn.initializers.zeros, ("embed",)), (d,))
     h = x.astype(jnp.float32)
     h = h - h.mean(axis=-1, keepdims=True)
     h = h * jax.lax.rsqrt((h * h).mean(axis=-1, keepdims=True) + self.epsilon)
@@ -201,9 +219,10 @@ class Mlp(nn.Module):
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
     cfg = self.config
     init = KERNEL_INITS[cfg.kernel_init]
-    h = nn.relu(nn.Dense(cfg.mlp_dim, kernel_init=init, name="wi")(x))
+    h = nn.relu(_dense(cfg.mlp_dim, init, ("embed", "mlp"), "wi")(x))
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    return nn.Dense(cfg.d_model, kernel_init=init, name="wo")(h)
+    return _dense(cfg.d_model, init, ("mlp", "embed"), "wo")(h)
 
 
 class Block(nn.Module):
@@ -225,7 +244,7 @@ class Block(nn.Module):
         return x + drop(fn(LayerNorm(name=f"{name}_norm")(x)), deterministic=deterministic)
       return LayerNorm(name=f"{name}_norm")(x + drop(fn(x), deterministic=deterministic))
 
-    def attention(name, decode, rotary):
+    def attention(name, decode, rotary, attention_fn=None):
       return attn_linen.MultiHeadAttention(
           num_heads=cfg.num_heads,
           num_kv_heads=cfg.num_kv_heads,
@@ -234,12 +253,14 @@ class Block(nn.Module):
           implementation=cfg.implementation,
           rotary=rotary,
           decode=decode,
+          attention_fn=attention_fn or dot_product_attention,
           name=name,
       )
 
     rotary = cfg.position == "rotary"
     decode = cfg.decode and self.causal
-    self_attn = attention("self_attention", decode, rotary)
+    self_attn = attention("self_attention", decode, rotary,
+                          None if decode else cfg.self_attention_fn)
     x = sublayer("self_attention", lambda h: self_attn(
         h, mask=mask, is_causal=self.causal and not decode, deterministic=deterministic,
         sow_weights=sow_weights), x)
@@ -248,7 +269,8 @@ class Block(nn.Module):
       x = sublayer("cross_attention", lambda h: cross_attn(
           h, encoded, mask=cross_mask, deterministic=deterministic,
           sow_weights=sow_weights), x)
-    return sublayer("mlp", lambda h: Mlp(cfg, name="mlp")(h, deterministic=deterministic), x)
+    x = sublayer("mlp", lambda h: Mlp(cfg, name="mlp")(h, deterministic=deterministic), x)
+    return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
 class Stack(nn.Module):
@@ -274,9 +296,8 @@ def _key_padding_mask(tokens: Array) -> Array:
 
 def _output_logits(model: nn.Module, embed: nn.Module, y: Array) -> Array:
   """Logits ``[B, L, V]``: the tied input embedding, or the model's own output layer."""
-  if model.config.tie_embeddings:
-    return embed.attend(y)
-  return model.logits_dense(y)
+  logits = embed.attend(y) if model.config.tie_embeddings else model.logits_dense(y)
+  return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
 class EncoderDecoder(nn.Module):
@@ -295,7 +316,8 @@ class EncoderDecoder(nn.Module):
     self.encoder = Stack(dataclasses.replace(cfg, decode=False), causal=False, cross=False)
     self.decoder = Stack(cfg, causal=True, cross=True)
     if not cfg.tie_embeddings:
-      self.logits_dense = nn.Dense(cfg.vocab_size, kernel_init=KERNEL_INITS[cfg.kernel_init])
+      self.logits_dense = _dense(cfg.vocab_size, KERNEL_INITS[cfg.kernel_init],
+                                 ("embed", "vocab"))
 
   def encode(self, inputs: Array, *, deterministic: bool = True,
              sow_weights: bool = False) -> Array:
@@ -332,7 +354,8 @@ class DecoderOnly(nn.Module):
     self.embed = Embed(cfg)
     self.decoder = Stack(cfg, causal=True, cross=False)
     if not cfg.tie_embeddings:
-      self.logits_dense = nn.Dense(cfg.vocab_size, kernel_init=KERNEL_INITS[cfg.kernel_init])
+      self.logits_dense = _dense(cfg.vocab_size, KERNEL_INITS[cfg.kernel_init],
+                                 ("embed", "vocab"))
 
   def __call__(self, decoder_inputs: Array, *, deterministic: bool = True,
                sow_weights: bool = False) -> Array:

@@ -1,10 +1,14 @@
 """Training loop for the toy tasks: data parallel, checkpointed, resumable.
 
 :func:`train_and_evaluate` is the whole experiment. Batches are generated inside the jitted
-train step from ``fold_in(key, step)`` and sharded over the ``data`` axis of a mesh of every
-local device (parameters and optimizer state replicated), so a run is a function of its
-config alone: the same seed gives the same metrics, on one device or eight up to float
-rounding, and a resumed run continues the same data stream.
+train step from ``fold_in(key, step)`` and sharded over the ``data`` axis of a
+``(data, tensor, sequence)`` mesh of every device (``config.mesh``; by default all on
+``data``), parameters by their logical axes (:mod:`attnjax.toy.sharding`), the flat
+optimizer moments replicated, so a run is a function of its config alone: the same seed
+gives the same metrics, on one device or eight, in one process or several, up to float
+rounding, and a resumed run continues the same data stream, whatever mesh saved it. In a
+multi-process run (:mod:`attnjax.toy.launch`) every process trains and writes its shards
+of the checkpoints; the first alone locks the workdir and writes the other files.
 
 Workdir layout::
 
@@ -71,10 +75,12 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from attnjax.toy import evaluation, models, plotting, tasks
+from attnjax import parallel
+from attnjax.toy import evaluation, models, plotting, sharding, tasks
 
 
 class IncompatibleWorkdirError(ValueError):
@@ -103,7 +109,8 @@ class NonFiniteLossError(FloatingPointError):
 HARMLESS_CHANGES = frozenset({
     "plots", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "eval.num_sequences", "eval.length_multipliers",
-    "eval.num_attention_examples", "eval.decode_examples", "eval.check_overlap"})
+    "eval.num_attention_examples", "eval.decode_examples", "eval.check_overlap",
+    "mesh.shape", "mesh.rules"})
 
 
 def _is_int(x) -> bool:
@@ -179,9 +186,16 @@ def make_task(config: ml_collections.ConfigDict) -> tasks.Task:
   return tasks.Task(c.name, c.num_symbols, c.min_length, c.max_length, c.num_queries)
 
 
-def make_model(config: ml_collections.ConfigDict, task: tasks.Task) -> nn.Module:
-  """The model of ``config.model`` for ``task``'s vocabulary."""
+def make_model(config: ml_collections.ConfigDict, task: tasks.Task,
+               mesh: Mesh | None = None) -> nn.Module:
+  """The model of ``config.model`` for ``task``'s vocabulary; on a ``mesh`` whose
+  ``sequence`` axis is longer than 1, self-attention is ring attention over it
+  (:func:`attnjax.parallel.ring_attention_fn`)."""
   c = config.model
+  attention_fn = None
+  if mesh is not None and mesh.shape["sequence"] > 1:
+    attention_fn = parallel.ring_attention_fn(mesh, "sequence", batch_axis_name="data",
+                                              head_axis_name="tensor")
   if c.arch == "decoder_only" and not task.has_eos:
     raise ValueError(f"task {task.name!r} only supports arch='encoder_decoder'")
   return models.make_model(c.arch, models.TransformerConfig(
@@ -190,7 +204,7 @@ def make_model(config: ml_collections.ConfigDict, task: tasks.Task) -> nn.Module
       dropout_rate=c.dropout_rate, attention_dropout_rate=c.attention_dropout_rate,
       norm=c.norm, position=c.position, tie_embeddings=c.tie_embeddings,
       short_conv=c.short_conv, kernel_init=c.kernel_init,
-      implementation=c.implementation))
+      implementation=c.implementation, self_attention_fn=attention_fn))
 
 
 def make_format(model: nn.Module):
@@ -246,29 +260,51 @@ class Experiment:
   """Everything derived from a config: task, model, optimizer, mesh and compiled steps."""
 
   def __init__(self, config: ml_collections.ConfigDict, devices=None):
-    """Args: config; devices: the mesh's devices (default: every local device)."""
+    """Args: config; devices: the mesh's devices (default: every device, of every
+    process)."""
     self.config = config
     self.task = make_task(config)
-    self.model = make_model(config, self.task)
+    mesh_config = config.get("mesh") or ml_collections.ConfigDict()
+    self.mesh = sharding.make_mesh(mesh_config.get("shape"), devices)
+    rules = mesh_config.get("rules")
+    self.rules = sharding.DEFAULT_RULES if rules is None else tuple(map(tuple, rules))
+    self.model = make_model(config, self.task, self.mesh)
     self.format = make_format(self.model)
     self.tx = make_optimizer(config)
-    devices = np.array(jax.devices() if devices is None else devices)
-    if config.train.batch_size % devices.size:
+    data = self.mesh.shape["data"]
+    if config.train.batch_size % data:
       raise ValueError(f"train.batch_size={config.train.batch_size} is not a multiple of the "
-                       f"{devices.size} devices")
-    self.mesh = Mesh(devices, ("data",))
+                       f"{data} devices of the mesh's data axis")
     self.replicated = NamedSharding(self.mesh, P())
     self.data_sharding = NamedSharding(self.mesh, P("data"))
     # Independent streams from the seed: training data, held-out data, dropout, init.
     root = jax.random.key(config.seed)
     self.train_key, self.eval_key, self.dropout_key, self.init_key = (
         jax.random.fold_in(root, i) for i in range(4))
-    self.train_step = jax.jit(self._train_step, donate_argnums=0,
-                              in_shardings=self.replicated,
-                              out_shardings=(self.replicated, self.replicated))
-    self.evaluate_bucket = jax.jit(
+    with self.sharding_context():
+      boxed = jax.eval_shape(self._create_state)
+    # Parameters by their logical axes; the flat optimizer moments and the step replicated.
+    self.state_sharding = sharding.logical_shardings(boxed, self.mesh, self.rules)
+    self.train_step = self._in_context(jax.jit(
+        self._train_step, donate_argnums=0, in_shardings=(self.state_sharding,),
+        out_shardings=(self.state_sharding, self.replicated)))
+    self.evaluate_bucket = self._in_context(jax.jit(
         functools.partial(evaluation.evaluate_bucket, self), static_argnames=("task", "stream"),
-        out_shardings=self.replicated)
+        out_shardings=self.replicated))
+
+  def sharding_context(self) -> contextlib.AbstractContextManager:
+    """The mesh (``jax.set_mesh``) and logical axis rules that the model is traced under."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def _in_context(self, fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+      with self.sharding_context():
+        return fn(*args, **kwargs)
+    return call
 
   def sample_train_batch(self, step: int | jax.Array) -> dict[str, jax.Array]:
     """The training batch of ``step`` (sharded over ``data`` inside jit)."""
@@ -276,17 +312,24 @@ class Experiment:
                              self.config.train.batch_size)
     return jax.lax.with_sharding_constraint(batch, self.data_sharding)
 
+  def _create_state(self) -> train_state.TrainState:
+    """The initial state; its parameters boxed with their logical axes under the rules."""
+    example = self.format(self.task.sample(self.train_key, 2))
+    params = models.apply_init(self.model, self.init_key, example)
+    return train_state.TrainState.create(apply_fn=None, params=params, tx=self.tx)
+
   def init_state(self) -> train_state.TrainState:
-    def init():
-      example = self.format(self.task.sample(self.train_key, 2))
-      params = models.apply_init(self.model, self.init_key, example)
-      return train_state.TrainState.create(apply_fn=None, params=params, tx=self.tx)
-    return jax.jit(init, out_shardings=self.replicated)()
+    """The initial state, sharded as ``state_sharding``."""
+    init = jax.jit(lambda: nn.unbox(self._create_state()), out_shardings=self.state_sharding)
+    return self._in_context(init)()
 
   def abstract_state(self) -> train_state.TrainState:
-    state = jax.eval_shape(self.init_state)
-    return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), state)
+    """Shapes, dtypes and shardings of the state (the target of a checkpoint restore)."""
+    with self.sharding_context():
+      state = jax.eval_shape(lambda: nn.unbox(self._create_state()))
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                 sharding=sharding),
+                        state, self.state_sharding)
 
   def _train_step(self, state: train_state.TrainState):
     example = self.format(self.sample_train_batch(state.step))
@@ -305,9 +348,14 @@ class Experiment:
     """``num`` held-out sequences of ``task`` from the evaluation key stream (inside jit:
     sharded over ``data`` when the devices divide ``num``)."""
     batch = task.sample(jax.random.fold_in(self.eval_key, stream), num)
-    if num % self.mesh.size == 0:
+    if num % self.mesh.shape["data"] == 0:
       batch = jax.lax.with_sharding_constraint(batch, self.data_sharding)
     return batch
+
+
+def _is_primary() -> bool:
+  """Whether this is the process that writes the workdir's files (the first)."""
+  return jax.process_index() == 0
 
 
 @contextlib.contextmanager
@@ -537,11 +585,13 @@ class _MetricsLog:
   """``metrics.jsonl``, also kept in memory: one whole, flushed line per record; the file is
   rewritten from memory (atomically) if it is deleted or replaced during the run."""
 
-  def __init__(self, path: str, records: list[dict[str, Any]]):
+  def __init__(self, path: str, records: list[dict[str, Any]], write: bool = True):
     self.path = path
     self.records = list(records)
+    self.write = write  # False: in memory only (the processes but the first of a run).
     self.file: Any = None
-    self._rewrite()
+    if write:
+      self._rewrite()
 
   def _rewrite(self) -> None:
     if self.file is not None:
@@ -565,13 +615,16 @@ class _MetricsLog:
 
   def append(self, record: dict[str, Any]) -> None:
     self.records.append(record)
+    if not self.write:
+      return
     self.file.write(json.dumps(record) + "\n")
     self.file.flush()
     self._repair()
 
   def close(self) -> None:
-    self._repair()
-    self.file.close()
+    if self.write:
+      self._repair()
+      self.file.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -609,7 +662,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   exp = Experiment(config)
   os.makedirs(workdir, exist_ok=True)
   ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  with _lock_workdir(workdir), ocp.CheckpointManager(
+  # In a multi-process run every process trains and saves its shards of the checkpoints;
+  # the first holds the lock and writes the other files.
+  lock = _lock_workdir(workdir) if _is_primary() else contextlib.nullcontext()
+  with lock, ocp.CheckpointManager(
       ckpt_dir, options=ocp.CheckpointManagerOptions(
           max_to_keep=config.train.keep_checkpoints, create=False,
           cleanup_tmp_directories=True),
@@ -633,6 +689,9 @@ def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict, exp: Exper
                                                      allow_config_change)
   state, latest, damaged = _restore_newest_intact(workdir, exp, manager)
 
+  if not _is_primary():
+    manager.reload()  # (the first process moves damaged checkpoints aside)
+    return (exp.init_state() if latest is None else state), latest  # type: ignore[return-value]
   _move_damaged(workdir, manager, damaged)
   if latest is None:
     state = exp.init_state()
@@ -684,7 +743,8 @@ def _train_and_evaluate(config, workdir, exp, manager, state, latest, start_time
           "rate or clip gradients harder and rerun.")
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  metrics_log = _MetricsLog(metrics_path, _read_metrics(metrics_path, latest))
+  metrics_log = _MetricsLog(metrics_path, _read_metrics(metrics_path, latest),
+                            write=_is_primary())
   with contextlib.closing(metrics_log):
     for step in range(start + 1, num_steps + 1):
       state, metrics = exp.train_step(state)
@@ -724,6 +784,12 @@ def _train_and_evaluate(config, workdir, exp, manager, state, latest, start_time
   results.update(step=int(state.step), train_seconds_to_eval=train_seconds,
                  wall_seconds=time.time() - start_time, num_params=int(num_params),
                  num_devices=exp.mesh.size)
+  # Figures read whole parameters: in a multi-process run, every process gathers them (a
+  # collective) and the first draws from its host copy, with dense attention on one device.
+  params = (state.params if jax.process_count() == 1
+            else multihost_utils.process_allgather(state.params, tiled=True))
+  if not _is_primary():
+    return results
   _write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
   print(evaluation.format_table(results), flush=True)
   for d in results.get("decodes", ()):
@@ -731,7 +797,7 @@ def _train_and_evaluate(config, workdir, exp, manager, state, latest, start_time
   if config.plots:
     try:
       plotting.learning_curves(metrics_path, os.path.join(workdir, "curves.png"))
-      plotting.attention_maps(exp, state.params, workdir)
+      plotting.attention_maps(exp, params, workdir)
     except Exception:  # The run is done and its results are written: figures are extras.
       logging.exception("Plotting failed; results.json and metrics.jsonl are complete.")
   return results
