@@ -1,0 +1,106 @@
+"""Length-generalization study: copy, reverse and duplicate x position schemes x seeds.
+
+Command:
+  python -m experiments.length_generalization --config configs/length_generalization.py \
+      --workdir runs/lengen
+  python -m experiments.length_generalization \
+      --config configs/length_generalization.py:quick --workdir runs/lengen_quick
+
+Each run trains a small decoder-only Transformer on lengths 1-16 and reports greedy exact
+match on the training lengths, at 1.5x (24: validation, the only length used to choose
+hyperparameters), 2x and 4x, and along a curve of every length up to 4x (``:quick``) or
+8x (the full study). See attnjax/toy/length_generalization.py for the outputs, and the
+README's "Length generalization" section for the results.
+"""
+
+import ml_collections
+
+from configs import copy
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The study; ``arg`` is None (the full study), ``"quick"`` (a few minutes: copy only,
+  four schemes, one seed) or ``"smoke"`` (seconds per run, for tests)."""
+  study = ml_collections.ConfigDict()
+  study.tasks = ("copy", "reverse", "duplicate")  # Task names (attnjax/toy/tasks.py).
+  # Position schemes to run: keys of scheme_overrides below.
+  study.schemes = ("sinusoidal", "rotary", "nope", "alibi", "t5", "fire", "hard_alibi",
+                   "randomized_rotary", "randomized_sinusoidal", "coupled_rotary")
+  study.seeds = (1, 2, 3)  # Reported seeds (seed 0 was used while building the study).
+
+  run = copy.base_config()  # Every run starts from the copy task's config ...
+  run.plots = False  # No per-run figures (the study draws its own).
+  run.model.arch = "decoder_only"  # ... as a causal decoder (NoPE needs one).
+  run.model.num_layers = 2  # Copying needs an induction-style circuit: two layers.
+  run.model.d_model = 64  # Residual width.
+  run.model.num_heads = 4  # Query heads.
+  run.model.mlp_dim = 256  # Feed-forward width.
+  run.train.num_steps = 2000  # Training steps (per-task overrides below).
+  run.train.eval_every = 1000  # Held-out evals at the training lengths.
+  run.train.checkpoint_every = 1000  # Checkpoints.
+  run.eval.num_sequences = 200  # Held-out sequences per bucket.
+  run.eval.length_multipliers = (1.5, 2, 4)  # 1.5x validation; 2x, 4x test.
+  run.eval.curve_max_multiplier = 8  # Length curve up to 8x the longest training length,
+  run.eval.curve_step = 2  # every other length,
+  run.eval.curve_sequences = 16  # 16 held-out sequences each.
+  run.eval.check_overlap = False  # (The copy config reports the overlap.)
+  study.run = run
+
+  # Per task: run-config fields to override (nested like the run config).
+  study.task_overrides = {
+      "copy": {},
+      "reverse": {"train": {"num_steps": 3000}},
+      "duplicate": {"train": {"num_steps": 3000}},
+  }
+  # Per scheme: run-config fields to override. Randomized and coupled ids lie in [0, 512):
+  # room for the longest sequence of the 8x curve (duplicate: 1 + 128 + 1 + 257 tokens).
+  study.scheme_overrides = {
+      "sinusoidal": {"model": {"position": "sinusoidal"}},
+      "rotary": {"model": {"position": "rotary"}},
+      "nope": {"model": {"position": "nope"}},
+      "alibi": {"model": {"position": "alibi"}},
+      "t5": {"model": {"position": "t5"}},
+      "fire": {"model": {"position": "fire"}},
+      # Jelassi et al. 2024: some heads see a short window, the others all keys (NoPE).
+      "hard_alibi": {"model": {"position": "hard_alibi",
+                               "hard_alibi_windows": (1, 2, None, None)}},
+      "randomized_rotary": {"model": {"position": "rotary", "position_ids": "randomized",
+                                      "max_position": 512}},
+      "randomized_sinusoidal": {"model": {"position": "sinusoidal",
+                                          "position_ids": "randomized",
+                                          "max_position": 512}},
+      "coupled_rotary": {"model": {"position": "rotary", "position_ids": "coupled",
+                                   "max_position": 512}},
+  }
+
+  if arg == "quick":  # Copy, four schemes, one seed, a 4x curve: a few minutes.
+    study.tasks = ("copy",)
+    study.schemes = ("rotary", "nope", "randomized_rotary", "coupled_rotary")
+    study.seeds = (1,)
+    run.eval.curve_max_multiplier = 4
+  elif arg == "smoke":  # Seconds per run: for tests.
+    study.tasks = ("copy",)
+    study.schemes = ("nope", "coupled_rotary")
+    study.seeds = (1,)
+    run.model.num_layers = 1
+    run.model.d_model = 16
+    run.model.num_heads = 2
+    run.model.mlp_dim = 32
+    run.task.max_length = 4
+    run.train.num_steps = 4
+    run.train.batch_size = 8
+    run.train.log_every = 2
+    run.train.eval_every = 0
+    run.train.checkpoint_every = 4
+    run.optimizer.warmup_steps = 1
+    run.eval.num_sequences = 8
+    run.eval.length_multipliers = (2,)
+    run.eval.curve_max_multiplier = 2
+    run.eval.curve_step = 3
+    run.eval.curve_sequences = 2
+    run.eval.num_attention_examples = 0
+    study.scheme_overrides["hard_alibi"]["model"]["hard_alibi_windows"] = (1, None)
+  elif arg:
+    raise ValueError(f"unknown config variant {arg!r}; expected none, 'quick' or 'smoke'")
+  study.lock()
+  return study
