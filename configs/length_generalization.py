@@ -35,10 +35,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   run.model.d_model = 64  # Residual width.
   run.model.num_heads = 4  # Query heads.
   run.model.mlp_dim = 128  # Feed-forward width.
-  run.train.num_steps = 1500  # Training steps (per-task overrides below).
+  run.train.num_steps = 3000  # Training steps (per-task overrides below).
   run.train.batch_size = 32  # Sequences per step.
-  run.train.eval_every = 500  # Held-out evals at the training lengths.
-  run.train.checkpoint_every = 500  # Checkpoints.
+  run.train.eval_every = 1000  # Held-out evals at the training lengths.
+  run.train.checkpoint_every = 1000  # Checkpoints.
   run.eval.num_sequences = 200  # Held-out sequences per bucket.
   run.eval.length_multipliers = (1.5, 2, 4)  # 1.5x validation; 2x, 4x test.
   run.eval.curve_max_multiplier = 4  # Length curve up to 4x the longest training length,
@@ -52,8 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 64 + 1 + 65 tokens; duplicate: 1 + 64 + 1 + 129).
   study.task_overrides = {
       "copy": {"model": {"max_position": 160}},
-      "reverse": {"model": {"max_position": 160}, "train": {"num_steps": 2000}},
-      "duplicate": {"model": {"max_position": 256}, "train": {"num_steps": 2000}},
+      "reverse": {"model": {"max_position": 160}, "train": {"num_steps": 4000}},
+      "duplicate": {"model": {"max_position": 256}, "train": {"num_steps": 4000}},
   }
   # Per scheme: run-config fields to override.
   study.scheme_overrides = {

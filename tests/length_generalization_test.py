@@ -16,7 +16,7 @@ def test_run_config_applies_task_then_scheme_overrides_then_seed():
   study = length_generalization.get_config()
   config = lg.run_config(study, "reverse", "hard_alibi", 7)
   assert config.task.name == "reverse" and config.seed == 7
-  assert config.train.num_steps == 2000  # the task's override
+  assert config.train.num_steps == 4000  # the task's override
   assert config.model.position == "hard_alibi"
   assert config.model.hard_alibi_windows == (2, 4, None, None)
   assert config.model.arch == "decoder_only"  # from the study's run config
