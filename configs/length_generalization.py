@@ -15,6 +15,7 @@ README's "Length generalization" section for the results.
 
 import ml_collections
 
+from attnjax.toy import length_generalization as study_lib
 from configs import copy
 
 
@@ -25,7 +26,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   study.tasks = ("copy", "reverse", "duplicate")  # Task names (attnjax/toy/tasks.py).
   # Position schemes to run: keys of scheme_overrides below.
   study.schemes = ("sinusoidal", "rotary", "nope", "alibi", "t5", "fire", "hard_alibi",
-                   "randomized_rotary", "randomized_sinusoidal", "coupled_rotary")
+                   "randomized_rotary", "randomized_sinusoidal", "coupled_rotary",
+                   "coupled_learned")
   study.seeds = (1, 2, 3)  # Reported seeds (seed 0 was used while building the study).
 
   run = copy.base_config()  # Every run starts from the copy task's config ...
@@ -70,11 +72,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "randomized_sinusoidal": {"model": {"position": "sinusoidal",
                                           "position_ids": "randomized"}},
       "coupled_rotary": {"model": {"position": "rotary", "position_ids": "coupled"}},
+      # Cho et al. 2024 couple ids with learned absolute embeddings; the random start offset
+      # trains every id below max_position.
+      "coupled_learned": {"model": {"position": "learned", "position_ids": "coupled"}},
   }
 
   if arg == "quick":  # Copy, two schemes, one seed: a few minutes.
     study.tasks = ("copy",)
-    study.schemes = ("nope", "coupled_rotary")
+    study.schemes = ("nope", "coupled_learned")
     study.seeds = (1,)
   elif arg == "smoke":  # Seconds per run: for tests.
     study.tasks = ("copy",)
@@ -102,3 +107,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown config variant {arg!r}; expected none, 'quick' or 'smoke'")
   study.lock()
   return study
+
+
+def extrapolate_config(task: str, scheme: str, arg: str | None) -> ml_collections.ConfigDict:
+  """The study's run config of ``task`` under ``scheme`` as a standalone copy_task config
+  (seed 0; ``arg="smoke"`` for the smoke-sized run), for ``configs/*_extrapolate.py``."""
+  if arg not in (None, "smoke"):
+    raise ValueError(f"unknown config variant {arg!r}; expected none or 'smoke'")
+  return study_lib.run_config(get_config(arg), task, scheme, seed=0)
