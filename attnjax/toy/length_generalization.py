@@ -6,12 +6,12 @@ Every run is an ordinary :func:`attnjax.toy.train.train_and_evaluate` run (the c
 where it stopped, and a run whose ``results.json`` exists is not redone. The summary reads
 every run's ``results.json`` and writes, to the workdir:
 
-  ``results.json``   per task and scheme: each seed's exact match at every reported length
-                     (``1x``: the training lengths; then the buckets ``1.5x``, ``2x``,
-                     ``4x``, ...) and the length curve, with the median, min and max over seeds.
-  ``results.md``     the Markdown table: median [min, max] exact match per task x scheme.
-  ``curve_{task}.png``  exact match against length, one line (the median over seeds) per
-                     scheme, the range over seeds shaded.
+* ``results.json``: per task and scheme, each seed's exact match at every reported length
+  (``1x``: the training lengths; then the buckets ``1.5x``, ``2x``, ``4x``, ...) and the
+  length curve, with the median, min and max over seeds;
+* ``results.md``: the Markdown table, median [min, max] exact match per task x scheme;
+* ``curve_{task}.png``: exact match against length, one line (the median over seeds) per
+  scheme, the range over seeds shaded.
 
 The study config (``configs/length_generalization.py``) holds the base run config
 (``run``), the ``tasks``, the ``schemes`` and ``seeds`` to run, and per-task and per-scheme
@@ -111,9 +111,10 @@ def summarize(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Reads the finished runs and writes ``results.json``, ``results.md`` and the curves.
 
   Returns:
-    ``{"columns": [...], "runs": {task: {scheme: {"seeds": [...], column: {"values",
-    "median", "min", "max"}, "wall_seconds": {...}, "curve": {"lengths", "median", "min",
-    "max"}}}}}``; a (task, scheme) with no finished run is left out.
+    ``{"columns": [...], "runs": {task: {scheme: row}}}`` where a row holds ``seeds``, per
+    column ``{"values", "median", "min", "max"}``, ``wall_seconds`` (median, min, max) and
+    ``curve`` (``lengths`` and the median, min and max exact match at each); a (task,
+    scheme) with no finished run is left out.
   """
   columns = ["1x"] + [f"{m:g}x" for m in study.run.eval.length_multipliers]
   runs: dict[str, dict[str, Any]] = {}
