@@ -5,8 +5,10 @@ Command:
       --workdir runs/reverse_extrapolate
 
 The study's run (decoder-only, 2 layers, lengths 1-16; see configs/length_generalization.py)
-with the scheme of highest exact match at the 1.5x validation length. Results (2x, 4x in
-results.json): see the README's "Length generalization" section.
+under hard-ALiBi, the non-oracle scheme of highest exact match at the 1.5x validation length
+(copy, seed 1), used unchanged for reverse and duplicate. results.json reports 2x and 4x.
+Study run of this config (seed 1 only; seed 0 was not run): greedy exact match 0.845 at
+lengths 1-16 and 0.000 at 24, 32 and 64 (token accuracy 0.62, 0.38, 0.17); 151 s.
 """
 
 import ml_collections
