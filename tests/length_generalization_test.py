@@ -75,5 +75,5 @@ def test_summary_medians_and_ranges_over_seeds(tmp_path):
   assert row["wall_seconds"]["median"] == 20.0
   np.testing.assert_allclose(row["curve"]["median"], [1.0, 0.2])
   np.testing.assert_allclose(row["curve"]["min"], [0.9, 0.1])
-  assert "| copy | nope | 1.000 [0.90, 1.00] | 0.200 [0.10, 0.50] | 3 | 20 |" in (
+  assert "| copy | nope | 1.000 [0.900, 1.000] | 0.200 [0.100, 0.500] | 3 | 20 |" in (
       tmp_path / "results.md").read_text()

@@ -160,7 +160,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
            "|" + "---|" * (len(columns) + 4)]
   for task, rows in summary["runs"].items():
     for scheme, row in rows.items():
-      cells = [f"{row[c]['median']:.3f} [{row[c]['min']:.2f}, {row[c]['max']:.2f}]"
+      cells = [f"{row[c]['median']:.3f} [{row[c]['min']:.3f}, {row[c]['max']:.3f}]"
                for c in columns]
       lines.append(f"| {task} | {scheme} | " + " | ".join(cells)
                    + f" | {len(row['seeds'])} | {row['wall_seconds']['median']:.0f} |")
