@@ -1,4 +1,4 @@
-"""Position encodings: sinusoidal (absolute) and rotary (RoPE).
+"""Position encodings: sinusoidal (absolute), rotary (RoPE) and randomized position ids.
 
 Shapes: positions ``[..., L]``; encodings ``[..., L, D]``; rotary inputs ``[..., L, N, H]``
 (L positions, N heads, H head dim).
@@ -6,6 +6,8 @@ Shapes: positions ``[..., L]``; encodings ``[..., L, D]``; rotary inputs ``[...,
 References:
   Vaswani et al. 2017, "Attention Is All You Need", section 3.5.
   Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding".
+  Ruoss et al. 2023, "Randomized Positional Encodings Boost Length Generalization of
+  Transformers", ACL 2023.
 """
 
 from __future__ import annotations
@@ -151,6 +153,64 @@ def rotary_heads(max_timescale: float = 10_000.0, layout: str = "half"):
     rotate = functools.partial(apply_rotary, max_timescale=max_timescale, layout=layout)
     return rotate(query, query_positions), rotate(key, key_positions)
   return process_heads
+
+
+def randomized_positions(
+    key: Array,
+    batch: int,
+    length: int,
+    max_position: int,
+    *,
+    lengths: ArrayLike | None = None,
+) -> Array:
+  """Randomized position ids: per sequence, a sorted sample of distinct positions.
+
+  Row b is a uniformly drawn subset of ``length`` distinct positions of ``[0, max_position)``
+  in increasing order, to use in place of ``0..length-1`` with any encoding that reads
+  position ids (sinusoidal, learned, rotary). Trained on such ids, a model has seen every
+  position up to ``max_position`` while its sequences stay short, and only the order of
+  the positions carries information. One draw serves a whole sequence (its input and its
+  output, every step of decoding).
+
+  With ``lengths``, row b draws only ``lengths[b]`` positions (a uniform subset of that
+  size, sorted) and its entries from ``lengths[b]`` on, padding, hold ``max_position - 1``:
+  every row stays non-decreasing and within range.
+
+  Args:
+    key: a ``jax.random.key``.
+    batch: number of rows B.
+    length: positions per row L, at most ``max_position``.
+    max_position: the exclusive upper bound of the positions (the paper's L).
+    lengths: optional int ``[B]``: the number of real tokens of each row, at most L.
+
+  Returns:
+    int32 ``[B, L]``.
+
+  Raises:
+    ValueError: for a negative ``length``, ``length > max_position``, or ``lengths`` not
+      of shape ``[B]``.
+
+  References:
+    Ruoss et al. 2023, "Randomized Positional Encodings Boost Length Generalization of
+    Transformers", ACL 2023, section 3.
+  """
+  for name, value in (("batch", batch), ("length", length), ("max_position", max_position)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+      raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+  if length > max_position:
+    raise ValueError(f"length={length} distinct positions do not fit below "
+                     f"max_position={max_position}")
+  # The first L entries of a random permutation of [0, max_position): a uniform subset
+  # (and the first n of them a uniform subset of size n).
+  scores_BP = jax.random.uniform(key, (batch, max_position))
+  subset_BL = jax.lax.top_k(scores_BP, length)[1].astype(jnp.int32)
+  if lengths is None:
+    return jnp.sort(subset_BL, axis=-1)
+  lengths = jnp.asarray(lengths)
+  if lengths.shape != (batch,):
+    raise ValueError(f"lengths must have shape [batch] = ({batch},), got {lengths.shape}")
+  real_BL = jnp.arange(length, dtype=jnp.int32)[None, :] < lengths[:, None]
+  return jnp.sort(jnp.where(real_BL, subset_BL, max_position - 1), axis=-1)
 
 
 def _lead(x: Array, n: int) -> Array:

@@ -45,7 +45,20 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.0  # Dropout on embeddings and sublayer outputs.
   config.model.attention_dropout_rate = 0.0  # Dropout on attention probabilities.
   config.model.norm = "pre"  # pre (pre-LN, final LayerNorm per stack) or post (Vaswani).
-  config.model.position = "sinusoidal"  # sinusoidal, rotary or none.
+  # sinusoidal, learned, rotary, none, nope, alibi, hard_alibi, t5 or fire (see
+  # attnjax/toy/models.py).
+  config.model.position = "sinusoidal"
+  # Position ids: sequential (0, 1, ...), randomized (Ruoss et al. 2023: a sorted random
+  # sample from [0, max_position) per sequence) or coupled (Cho et al. 2024: each output
+  # token takes the id of the input token it copies; an oracle). The last two need a
+  # position that reads ids: sinusoidal, learned or rotary.
+  config.model.position_ids = "sequential"
+  # Exclusive bound of the position ids (randomized, coupled) and the size of the learned
+  # table (learned); None otherwise.
+  config.model.max_position = config_dict.placeholder(int)
+  # hard_alibi only: per head, how many of the most recent keys it sees (None: all, a
+  # NoPE head); one entry per head.
+  config.model.hard_alibi_windows = config_dict.placeholder(tuple)
   config.model.tie_embeddings = True  # Output projection = decoder input embedding.
   # Kernel size of a causal depthwise convolution over the token embeddings (Zoology's short
   # convolution: each position also sees its predecessors); None = no convolution.
@@ -86,6 +99,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.num_sequences = 1000  # Held-out sequences per length bucket.
   config.eval.length_multipliers = (2, 4)  # Extra buckets at these multiples of max_length.
+  # Length curve: greedy exact match at every curve_step-th length from 1 to
+  # curve_max_multiplier * max_length, curve_sequences held-out sequences each; 0 = none.
+  config.eval.curve_max_multiplier = 0
+  config.eval.curve_step = 1  # Spacing of the curve's lengths.
+  config.eval.curve_sequences = 32  # Held-out sequences per length of the curve.
   config.eval.num_attention_examples = 2  # Examples drawn in attention_*.png.
   config.eval.decode_examples = ()  # Token sequences to decode greedily and print.
   config.eval.check_overlap = True  # Look the held-out sequences up in the training stream.

@@ -8,14 +8,17 @@ import pytest
 from attnjax.toy import decoding, models, tasks
 
 
-def _recompute_decode(model, params, batch, target_len):
+def _recompute_decode(model, params, batch, target_len, position_ids=None):
   """Greedy decoding that reruns the uncached model on the whole prefix at every step.
 
   The prefix sits in a fixed-size buffer padded on the right; the model is causal, so the
   logits at the prefix's last position do not see the padding.
   """
+  position_ids = position_ids or {}
   if isinstance(model, models.EncoderDecoder):
-    forward = jax.jit(lambda dec: model.apply({"params": params}, batch["inputs"], dec))
+    forward = jax.jit(lambda dec: model.apply(
+        {"params": params}, batch["inputs"], dec,
+        **models.position_kwargs(model, position_ids)))
     dec = np.zeros((batch["inputs"].shape[0], target_len), np.int32)
     dec[:, 0] = tasks.BOS
     out = np.zeros_like(dec)
@@ -29,7 +32,10 @@ def _recompute_decode(model, params, batch, target_len):
   L = example["decoder_inputs"].shape[1] + 1
   seq = np.where(np.arange(L) < prompt[:, None],
                  np.pad(example["decoder_inputs"], ((0, 0), (0, 1))), tasks.PAD)
-  forward = jax.jit(lambda seq: model.apply({"params": params}, seq))
+  kwargs = {}
+  if "positions" in position_ids:  # The last slot's id is never read by a prediction.
+    kwargs["positions"] = jnp.pad(position_ids["positions"], ((0, 0), (0, 1)), mode="edge")
+  forward = jax.jit(lambda seq: model.apply({"params": params}, seq, **kwargs))
   rows = np.arange(seq.shape[0])
   for t in range(target_len):
     last = prompt - 1 + t
@@ -38,40 +44,61 @@ def _recompute_decode(model, params, batch, target_len):
 
 
 def _model_and_batch(arch, position, name="copy", num_kv_heads=None, norm="pre",
-                     short_conv=None):
+                     short_conv=None, position_ids="sequential"):
   task = tasks.Task(name, num_symbols=16, min_length=2, max_length=6, num_queries=2)
   batch = task.sample(jax.random.key(0), 4)
   cfg = models.TransformerConfig(vocab_size=task.vocab_size, num_layers=2, d_model=32,
                                  num_heads=4, num_kv_heads=num_kv_heads, mlp_dim=64,
-                                 position=position, norm=norm, short_conv=short_conv)
+                                 position=position, norm=norm, short_conv=short_conv,
+                                 max_position=40, hard_alibi_windows=(1, 3, None, 2))
   model = models.make_model(arch, cfg)
   fmt = (tasks.encoder_decoder_example if arch == "encoder_decoder"
          else tasks.decoder_only_example)
-  params = models.init_params(model, jax.random.key(1), fmt(batch))
+  ids = tasks.position_ids(fmt(batch), task, kind=position_ids, max_position=40,
+                           key=jax.random.key(2))
+  params = models.init_params(model, jax.random.key(1), {**fmt(batch), **ids})
   # Sharpen the random model so that argmax ties do not hide a wrong cache.
   params = jax.tree.map(lambda p: p * 2.0, params)
-  return task, model, params, batch
+  if position == "t5":  # Zeros at init: give the table something to say.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, p: jax.random.normal(jax.random.key(3), p.shape)
+        if "t5_relative_bias" in jax.tree_util.keystr(path) else p, params)
+  return task, model, params, batch, ids
 
 
-@pytest.mark.parametrize("arch, position, short_conv", [
-    ("encoder_decoder", "sinusoidal", None), ("encoder_decoder", "rotary", None),
-    ("decoder_only", "sinusoidal", None), ("decoder_only", "rotary", None),
-    ("decoder_only", "none", None), ("encoder_decoder", "rotary", 3),
-    ("decoder_only", "sinusoidal", 3)])
-def test_cached_decoding_matches_recomputation(arch, position, short_conv):
-  task, model, params, batch = _model_and_batch(arch, position, num_kv_heads=2,
-                                                short_conv=short_conv)
+@pytest.mark.parametrize("arch, position, short_conv, position_ids", [
+    ("encoder_decoder", "sinusoidal", None, "sequential"),
+    ("encoder_decoder", "rotary", None, "sequential"),
+    ("decoder_only", "sinusoidal", None, "sequential"),
+    ("decoder_only", "rotary", None, "sequential"),
+    ("decoder_only", "none", None, "sequential"),
+    ("encoder_decoder", "rotary", 3, "sequential"),
+    ("decoder_only", "sinusoidal", 3, "sequential"),
+    *[("decoder_only", position, None, "sequential")
+      for position in ("learned", "alibi", "hard_alibi", "t5", "fire", "nope")],
+    ("encoder_decoder", "hard_alibi", None, "sequential"),
+    ("encoder_decoder", "t5", None, "sequential"),
+    ("decoder_only", "learned", None, "randomized"),
+    ("encoder_decoder", "rotary", None, "randomized"),
+    ("decoder_only", "rotary", None, "coupled")])
+def test_cached_decoding_matches_recomputation(arch, position, short_conv, position_ids):
+  task, model, params, batch, ids = _model_and_batch(
+      arch, position, num_kv_heads=2, short_conv=short_conv, position_ids=position_ids)
   got = decoding.greedy_decode(model, params, batch, target_len=task.target_len,
-                               stop_at_eos=False)
-  want = _recompute_decode(model, params, batch, task.target_len)
+                               stop_at_eos=False, position_ids=ids)
+  want = _recompute_decode(model, params, batch, task.target_len, ids)
   np.testing.assert_array_equal(np.asarray(got), want)
+  if position_ids != "sequential":  # The ids matter: other ids, other outputs.
+    other = decoding.greedy_decode(model, params, batch, target_len=task.target_len,
+                                   stop_at_eos=False)
+    assert np.any(np.asarray(other) != want)
 
 
 @pytest.mark.parametrize("short_conv", [None, 3])
 def test_decoder_only_prefill_matches_token_by_token(short_conv):
-  task, model, params, batch = _model_and_batch("decoder_only", "rotary",
-                                                name="associative_recall", norm="post",
-                                                short_conv=short_conv)
+  task, model, params, batch, _ = _model_and_batch("decoder_only", "rotary",
+                                                   name="associative_recall", norm="post",
+                                                   short_conv=short_conv)
   one_by_one = decoding.greedy_decode(model, params, batch, target_len=task.target_len,
                                       stop_at_eos=False)
   prefilled = decoding.greedy_decode(model, params, batch, target_len=task.target_len,

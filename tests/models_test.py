@@ -1,6 +1,7 @@
 """Tests of attnjax.toy.models: causality, padding invariance, sown weights, variants."""
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -141,7 +142,7 @@ def test_invalid_configs_are_rejected():
   with pytest.raises(ValueError, match="norm"):
     _config(norm="sandwich")
   with pytest.raises(ValueError, match="position"):
-    _config(position="alibi")
+    _config(position="xpos")
   for bad in (3, 0):
     with pytest.raises(ValueError, match=f"num_kv_heads must be None or .*, got {bad}"):
       _config(num_kv_heads=bad)
@@ -149,3 +150,108 @@ def test_invalid_configs_are_rejected():
     _config(short_conv=1)
   with pytest.raises(ValueError, match="arch"):
     models.make_model("encoder_only", _config())
+
+
+def _naive_first_layer_weights(params, tokens, bias_fn, positions=None):
+  """Attention weights [B, N, T, T] of a pre-LN decoder's first layer, in NumPy, with the
+  position bias ``bias_fn(i, j, h)`` added to the logits."""
+  p = jax.tree.map(np.asarray, params)
+  emb = p["embed"]["embedding"]["embedding"]
+  D = emb.shape[1]
+  x = emb[np.asarray(tokens)] * np.sqrt(D)
+  if "position_embedding" in p["embed"]:
+    x = x + p["embed"]["position_embedding"][np.asarray(positions)]
+  layer = p["decoder"]["layer_0"]
+  norm = layer["self_attention_norm"]
+  h = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  h = h * norm["scale"] + norm["bias"]
+  att = layer["self_attention"]
+  q = np.einsum("btd,dnh->btnh", h, att["query"]["kernel"]) + att["query"]["bias"]
+  k = np.einsum("btd,dnh->btnh", h, att["key"]["kernel"]) + att["key"]["bias"]
+  B, T, N, H = q.shape
+  logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(H)
+  for i in range(T):
+    for j in range(T):
+      for n in range(N):
+        logits[:, n, i, j] += bias_fn(i, j, n) if j <= i else -np.inf
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  return w / w.sum(-1, keepdims=True)
+
+
+def _t5_bucket(i, j):
+  """T5's causal bucket (Raffel et al. 2020; Mesh TensorFlow), 32 buckets, distance 128."""
+  n = max(i - j, 0)
+  if n < 16:
+    return n
+  return min(31, 16 + int(math.log(n / 16) / math.log(128 / 16) * 16))
+
+
+def _sown_first_layer(model, params, tokens, **kwargs):
+  _, sown = model.apply({"params": params}, tokens, sow_weights=True,
+                        mutable=["intermediates"], **kwargs)
+  return np.asarray(sown["intermediates"]["decoder"]["layer_0"]["self_attention"]
+                    ["attention_weights"][0])
+
+
+@pytest.mark.parametrize("position", ["alibi", "t5", "fire", "hard_alibi"])
+def test_position_biases_match_their_papers_formulas(position):
+  windows = (1, 3, None, 6)
+  model = models.DecoderOnly(_config(num_layers=1, position=position,
+                                     hard_alibi_windows=windows))
+  tokens = _tokens(0, (2, 40))
+  params = jax.jit(model.init)(jax.random.key(1), tokens)["params"]
+  layer = params["decoder"]["layer_0"]
+  if position == "t5":
+    layer["t5_relative_bias"] = jax.random.normal(jax.random.key(2), (32, 4))
+  if position == "fire":  # c = 0.5 and L = 8: the threshold binds for the first 8 queries.
+    layer["fire_c"] = jnp.float32(0.5)
+    layer["fire_threshold_multiplier"] = jnp.float32(8 / 512)
+  p = jax.tree.map(np.asarray, layer)
+
+  def fire(i, j, n):  # Li et al. 2024, eq. for FIRE with psi(x) = log(c x + 1)
+    psi = lambda x: math.log(abs(0.5 * x) + 1)  # noqa: E731
+    x = psi(i - j) / (psi(max(8.0, i)) + 1e-6)
+    hidden = np.maximum(x * p["fire_kernel_in"][0] + p["fire_bias_in"], 0)
+    return hidden @ p["fire_kernel_out"][:, n] + p["fire_bias_out"][n]
+
+  bias_fn = {
+      "alibi": lambda i, j, n: -(2.0 ** (-8 * (n + 1) / 4)) * (i - j),  # Press et al. 2022
+      "t5": lambda i, j, n: p["t5_relative_bias"][_t5_bucket(i, j), n],
+      "fire": fire,
+      # Jelassi et al. 2024: head n sees only its last windows[n] keys.
+      "hard_alibi": lambda i, j, n: 0.0 if windows[n] is None or i - j < windows[n]
+      else -np.inf,
+  }[position]
+  want = _naive_first_layer_weights(params, tokens, bias_fn)
+  got = _sown_first_layer(model, params, tokens)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+
+
+def test_learned_positions_and_given_position_ids():
+  model = models.DecoderOnly(_config(num_layers=1, position="learned", max_position=30))
+  tokens = _tokens(0, (2, 7))
+  positions = jnp.array([[0, 3, 4, 9, 10, 20, 29], [1, 2, 3, 4, 5, 6, 7]])
+  params = jax.jit(model.init)(jax.random.key(1), tokens, positions=positions)["params"]
+  want = _naive_first_layer_weights(params, tokens, lambda i, j, n: 0.0, positions)
+  got = _sown_first_layer(model, params, tokens, positions=positions)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+
+
+def test_rotary_with_given_ids_depends_only_on_their_differences():
+  model = models.DecoderOnly(_config(position="rotary"))
+  tokens = _tokens(0, (2, 6))
+  params = jax.jit(model.init)(jax.random.key(1), tokens)["params"]
+  apply = jax.jit(lambda pos: model.apply({"params": params}, tokens, positions=pos))
+  ids = jnp.array([[0, 2, 3, 7, 8, 12], [1, 5, 6, 9, 11, 14]])
+  np.testing.assert_allclose(apply(ids), apply(ids + 17), rtol=1e-4, atol=1e-4)
+  assert np.abs(apply(ids) - apply(jnp.broadcast_to(jnp.arange(6), (2, 6)))).max() > 1e-3
+
+
+def test_position_scheme_errors():
+  with pytest.raises(ValueError, match="position='learned' needs max_position >= 1"):
+    _config(position="learned")
+  with pytest.raises(ValueError, match="hard_alibi_windows: one window >= 1 or None per head"):
+    _config(position="hard_alibi", hard_alibi_windows=(1, 2))
+  with pytest.raises(ValueError, match="position='nope' needs arch='decoder_only'"):
+    models.make_model("encoder_decoder", _config(position="nope"))
+  assert set(models.POSITION_SCHEMES) == set(models.POSITIONS)

@@ -213,3 +213,42 @@ def test_gradients_match_finite_differences():
   for layout in ("interleaved", "concat"):
     encode = functools.partial(attnjax.sinusoidal_position_encoding, dim=6, layout=layout)
     grads(jax.jit(encode), (positions,))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_randomized_positions_are_sorted_distinct_and_in_range(jit):
+  fn = attnjax.positional.randomized_positions
+  if jit:
+    fn = jax.jit(fn, static_argnums=(1, 2, 3))
+  pos = np.asarray(fn(jax.random.key(0), 200, 7, 20))
+  assert pos.shape == (200, 7) and pos.dtype == np.int32
+  assert np.all(np.diff(pos, axis=1) > 0)  # sorted and distinct
+  assert pos.min() >= 0 and pos.max() < 20
+  # A uniform 7-subset of 20 holds each position with probability 7/20 (Ruoss et al. 2023).
+  counts = np.bincount(pos.ravel(), minlength=20) / 200
+  np.testing.assert_allclose(counts, 7 / 20, atol=0.12)
+  # The whole range is used, not only its start.
+  assert pos[:, -1].mean() > 15
+
+
+def test_randomized_positions_with_lengths_draw_only_the_real_tokens():
+  lengths = np.array([0, 3, 5, 2])
+  pos = np.asarray(attnjax.positional.randomized_positions(
+      jax.random.key(1), 4, 5, 9, lengths=lengths))
+  for row, n in zip(pos, lengths, strict=True):
+    assert np.all(np.diff(row[:n]) > 0) and np.all(row[:n] < 9)
+    np.testing.assert_array_equal(row[n:], 8)
+  # The same key, other keys of the batch: another draw.
+  other = attnjax.positional.randomized_positions(jax.random.key(2), 4, 5, 9, lengths=lengths)
+  assert np.any(np.asarray(other) != pos)
+
+
+def test_randomized_positions_errors():
+  fn = attnjax.positional.randomized_positions
+  with pytest.raises(ValueError, match="length=6 distinct positions do not fit below "
+                                       "max_position=5"):
+    fn(jax.random.key(0), 2, 6, 5)
+  with pytest.raises(ValueError, match="batch must be a non-negative int, got -1"):
+    fn(jax.random.key(0), -1, 2, 5)
+  with pytest.raises(ValueError, match=r"lengths must have shape \[batch\] = \(2,\), got \(3,\)"):
+    fn(jax.random.key(0), 2, 2, 5, lengths=np.ones(3, np.int32))

@@ -131,3 +131,82 @@ def test_token_names():
   task = tasks.Task("copy", 10, 1, 4)
   assert tasks.token_names(task, [BOS, NUM_RESERVED, SEP, NUM_RESERVED + 9, EOS, PAD]) == [
       "<s>", "0", "|", "9", "</s>", "_"]
+
+
+def test_registry_holds_every_task_and_sources_state_the_rearrangement():
+  assert set(tasks.TASKS) == set(tasks.TASK_REGISTRY)
+  # source(j, n): the input index of target symbol j (and -1 / n around the input).
+  want = {"copy": lambda j, n: j, "reverse": lambda j, n: n - 1 - j,
+          "duplicate": lambda j, n: j % n if 0 <= j < 2 * n else (-1 if j < 0 else n)}
+  for name, statement in want.items():
+    source = tasks.TASK_REGISTRY[name].source
+    for n in (1, 4, 7):
+      m = tasks.Task(name, 7, 1, 9).target_len_of(np.array(n))
+      for j in range(-1, int(m) + 1):
+        assert int(source(np.array(j), np.array(n))) == statement(j, n), (name, n, j)
+  assert tasks.TASK_REGISTRY["associative_recall"].source is None
+  assert not tasks.TASK_REGISTRY["annotated_copy"].has_eos
+
+
+def test_sample_at_given_lengths():
+  task = tasks.Task("duplicate", num_symbols=7, min_length=1, max_length=6)
+  lengths = np.array([1, 6, 3, 3])
+  batch = jax.jit(lambda k, n: task.sample(k, 4, lengths=n))(jax.random.key(0), lengths)
+  for inputs, targets, n in zip(np.asarray(batch["inputs"]), np.asarray(batch["targets"]),
+                                lengths, strict=True):
+    x = _unpad(inputs)
+    assert len(x) == n
+    assert _unpad(targets) == x + x + [EOS]
+  with pytest.raises(ValueError, match=r"lengths must have shape \[batch_size\] = \(4,\)"):
+    task.sample(jax.random.key(0), 4, lengths=np.array([1, 2]))
+
+
+@pytest.mark.parametrize("name", ["copy", "reverse", "duplicate"])
+def test_coupled_positions_give_each_output_its_input_tokens_id(name):
+  task = tasks.Task(name, num_symbols=7, min_length=1, max_length=6)
+  batch = task.sample(jax.random.key(0), 16)
+  for fmt in (tasks.decoder_only_example, tasks.encoder_decoder_example):
+    example = fmt(batch)
+    ids = jax.device_get(tasks.position_ids(example, task, kind="coupled", max_position=30,
+                                            key=jax.random.key(1)))
+    starts = set()
+    for b in range(16):
+      x = _unpad(np.asarray(batch["inputs"][b]))
+      y = _unpad(np.asarray(batch["targets"][b]))[:-1]  # without EOS
+      n = len(x)
+      if fmt is tasks.decoder_only_example:  # BOS x SEP y
+        pos = ids["positions"][b]
+        tokens = np.asarray(example["decoder_inputs"][b])
+        start = pos[0]
+        x_pos, y_pos, y_tok = pos[1:n + 1], pos[n + 2:n + 2 + len(y)], tokens[n + 2:]
+      else:  # encoder x; decoder BOS y
+        start = ids["input_positions"][b, 0] - 1
+        x_pos, y_pos = ids["input_positions"][b, :n], ids["decoder_positions"][b, 1:len(y) + 1]
+        y_tok = np.asarray(example["decoder_inputs"][b, 1:])
+      starts.add(int(start))
+      np.testing.assert_array_equal(x_pos, start + 1 + np.arange(n))
+      for j, p in enumerate(y_pos):  # the output token has the id of an input copy of it
+        assert y_tok[j] == x[p - start - 1]
+      assert 0 <= start and start + n + 1 < 30
+    assert len(starts) > 3  # random start offsets
+
+
+def test_position_ids_randomized_and_errors():
+  task = tasks.Task("copy", num_symbols=7, min_length=1, max_length=6)
+  example = tasks.decoder_only_example(task.sample(jax.random.key(0), 8))
+  assert tasks.position_ids(example, task, kind="sequential") == {}
+  ids = np.asarray(tasks.position_ids(example, task, kind="randomized", max_position=50,
+                                      key=jax.random.key(1))["positions"])
+  real = np.asarray(example["prompt_lengths"]) * 2 - 1  # BOS x SEP y EOS: 2n + 3 tokens
+  for row, n in zip(ids, real, strict=True):
+    assert np.all(np.diff(row[:n]) > 0) and row.max() < 50
+  with pytest.raises(ValueError, match="do not fit below max_position=10"):
+    tasks.position_ids(example, task, kind="randomized", max_position=10, key=jax.random.key(1))
+  with pytest.raises(ValueError, match="need max_position and key"):
+    tasks.position_ids(example, task, kind="coupled")
+  with pytest.raises(ValueError, match="kind must be one of"):
+    tasks.position_ids(example, task, kind="shuffled", max_position=50, key=jax.random.key(1))
+  recall = tasks.Task("associative_recall", num_symbols=16, min_length=1, max_length=4)
+  with pytest.raises(ValueError, match="'associative_recall' has none"):
+    tasks.position_ids(tasks.decoder_only_example(recall.sample(jax.random.key(0), 2)),
+                       recall, kind="coupled", max_position=50, key=jax.random.key(1))

@@ -21,7 +21,15 @@ from absl import flags
 from ml_collections import config_flags
 
 from attnjax.toy import evaluation, train
-from configs import annotated_copy, associative_recall, duplicate, reverse
+from configs import (
+    annotated_copy,
+    associative_recall,
+    copy_extrapolate,
+    duplicate,
+    duplicate_extrapolate,
+    reverse,
+    reverse_extrapolate,
+)
 from configs import copy as copy_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -263,9 +271,11 @@ def test_invalid_config_values_are_refused_before_anything_is_written(tmp_path, 
 
 
 def test_every_shipped_config_is_valid_and_errors_are_reported_together():
-  for module in (copy_config, reverse, duplicate, associative_recall, annotated_copy):
+  for module in (copy_config, reverse, duplicate, associative_recall, annotated_copy,
+                 copy_extrapolate, reverse_extrapolate, duplicate_extrapolate):
     for arg in (None, "smoke"):
       train.validate_config(module.get_config(arg))
+      train.make_model(module.get_config(arg), train.make_task(module.get_config(arg)))
   with pytest.raises(ValueError, match=r"batch_size must be .* got 0; .*log_every must be"):
     train.validate_config(_smoke(**{"train.log_every": 0, "train.batch_size": 0}))
 

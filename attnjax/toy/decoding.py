@@ -34,7 +34,8 @@ def _empty_cache(init_fn):
 
 @functools.partial(jax.jit, static_argnames=("model", "target_len", "stop_at_eos", "prefill"))
 def greedy_decode(model: nn.Module, params, batch: dict[str, Array], *, target_len: int,
-                  stop_at_eos: bool = True, prefill: int = 0) -> Array:
+                  stop_at_eos: bool = True, prefill: int = 0,
+                  position_ids: dict[str, Array] | None = None) -> Array:
   """Greedy decoding of the targets of ``batch``.
 
   Args:
@@ -48,21 +49,36 @@ def greedy_decode(model: nn.Module, params, batch: dict[str, Array], *, target_l
     stop_at_eos: stop once every sequence has produced EOS.
     prefill: decoder-only: how many leading tokens to feed as one chunk before the
       token-by-token loop; less than the shortest prompt (``BOS x SEP``) of the batch.
+    position_ids: the example's position ids from :func:`attnjax.toy.tasks.position_ids`
+      (decoder-only ``positions [B, L - 1]``; encoder-decoder ``input_positions [B, S]``
+      and ``decoder_positions [B, T]``), drawn once for the whole sequence: each step
+      feeds its token with its id. None: ``0, 1, ...``.
 
   Returns:
     int32 ``[B, target_len]``: the generated tokens (after EOS, whatever the model produced,
     or PAD where decoding had stopped).
   """
+  position_ids = position_ids or {}
   if isinstance(model, models.EncoderDecoder):
-    return _decode_encoder_decoder(model, params, batch, target_len, stop_at_eos)
-  return _decode_decoder_only(model, params, batch, target_len, stop_at_eos, prefill)
+    return _decode_encoder_decoder(model, params, batch, target_len, stop_at_eos,
+                                   position_ids)
+  return _decode_decoder_only(model, params, batch, target_len, stop_at_eos, prefill,
+                              position_ids)
 
 
-def _decode_encoder_decoder(model, params, batch, target_len, stop_at_eos):
+def _step_positions(position_ids, name, t, size=1):
+  """``{"positions": ids[:, t:t + size]}`` of the ids under ``name``, or {} without them."""
+  if name not in position_ids:
+    return {}
+  return {"positions": jax.lax.dynamic_slice_in_dim(position_ids[name], t, size, axis=1)}
+
+
+def _decode_encoder_decoder(model, params, batch, target_len, stop_at_eos, position_ids):
   inputs = batch["inputs"]
   B = inputs.shape[0]
   dec = _decoding_model(model)
-  encoded = model.apply({"params": params}, inputs, method="encode")
+  encoded = model.apply({"params": params}, inputs, method="encode",
+                        positions=position_ids.get("input_positions"))
   tokens_BT = jnp.zeros((B, target_len), jnp.int32)
   cache = _empty_cache(lambda k: dec.init(k, encoded, inputs, tokens_BT, method="decode"))
   first = encoder_decoder_example(batch)["decoder_inputs"][:, 0]
@@ -70,7 +86,8 @@ def _decode_encoder_decoder(model, params, batch, target_len, stop_at_eos):
   def body(carry):
     t, token_B, cache, out_BT, done_B = carry
     logits, variables = dec.apply({"params": params, "cache": cache}, encoded, inputs,
-                                  token_B[:, None], method="decode", mutable=["cache"])
+                                  token_B[:, None], method="decode", mutable=["cache"],
+                                  **_step_positions(position_ids, "decoder_positions", t))
     pred_B = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
     out_BT = out_BT.at[:, t].set(pred_B)
     return t + 1, pred_B, variables["cache"], out_BT, done_B | (pred_B == EOS)
@@ -84,7 +101,8 @@ def _decode_encoder_decoder(model, params, batch, target_len, stop_at_eos):
   return jax.lax.while_loop(cond, body, carry)[3]
 
 
-def _decode_decoder_only(model, params, batch, target_len, stop_at_eos, prefill):
+def _decode_decoder_only(model, params, batch, target_len, stop_at_eos, prefill,
+                        position_ids):
   example = decoder_only_example(batch)
   prompt_B = example["prompt_lengths"]
   seq = example["decoder_inputs"]
@@ -98,14 +116,16 @@ def _decode_decoder_only(model, params, batch, target_len, stop_at_eos, prefill)
     raise ValueError(f"prefill must be in [0, {L}), got {prefill}")
   if prefill:
     cache = dec.apply({"params": params, "cache": cache}, buf_BL[:, :prefill],
-                      mutable=["cache"])[1]["cache"]
+                      mutable=["cache"],
+                      **_step_positions(position_ids, "positions", 0, prefill))[1]["cache"]
   end = jnp.max(prompt_B) + target_len - 1  # last position whose successor is generated
 
   def body(carry):
     t, cache, buf_BL, done_B = carry
     token_B = jax.lax.dynamic_index_in_dim(buf_BL, t, axis=1, keepdims=False)
     logits, variables = dec.apply({"params": params, "cache": cache}, token_B[:, None],
-                                  mutable=["cache"])
+                                  mutable=["cache"],
+                                  **_step_positions(position_ids, "positions", t))
     pred_B = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
     generating_B = t + 1 >= prompt_B
     old_B = jax.lax.dynamic_index_in_dim(buf_BL, t + 1, axis=1, keepdims=False)

@@ -6,7 +6,9 @@ length-generalization table). Each bucket holds ``config.eval.num_sequences`` he
 sequences from the evaluation key stream. For buckets whose lengths occur in training, the
 evaluation sequences are also looked up in the whole training stream actually seen
 (``seen_in_training``: short sequences of a small vocabulary cannot all be held out) and the
-exact match over the unseen ones is reported as ``exact_match_unseen``.
+exact match over the unseen ones is reported as ``exact_match_unseen``. The length curve
+(``config.eval.curve_*``, in ``length_curve``) adds greedy exact match at every length from
+1 to ``curve_max_multiplier * max_length``.
 """
 
 from __future__ import annotations
@@ -28,12 +30,28 @@ MAX_OVERLAP_SEQUENCES = 4_000_000
 
 
 def buckets(task: tasks.Task, multipliers) -> list[tuple[str, tasks.Task]]:
-  """``[(name, task)]``: the training lengths, then each multiple of the longest."""
+  """``[(name, task)]``: the training lengths, then each multiple m of the longest (length
+  ``round(m * max_length)``, named ``f"{m:g}x"``: ``2x``, ``1.5x``)."""
   out = [("train", task)]
   for m in multipliers:
-    n = int(m) * task.max_length
-    out.append((f"{int(m)}x", task.with_lengths(n, n)))
+    n = round(m * task.max_length)
+    out.append((f"{m:g}x", task.with_lengths(n, n)))
   return out
+
+
+def curve_lengths(max_length: int, max_multiplier: int, step: int = 1) -> list[int]:
+  """The lengths of the length curve: 1, then every ``step``-th length up to
+  ``max_multiplier * max_length``."""
+  return sorted({1, *range(step, max_multiplier * max_length + 1, step)})
+
+
+def curve_groups(lengths: list[int], group: int) -> list[tuple[int, ...]]:
+  """``lengths`` cut into runs that share ``ceil(n / group)``: each run is evaluated at the
+  shapes of its longest length (one compilation per run)."""
+  runs: dict[int, list[int]] = {}
+  for n in lengths:
+    runs.setdefault(-(-n // group), []).append(n)
+  return [tuple(run) for _, run in sorted(runs.items())]
 
 
 def exact_match(predictions: jax.Array, targets: jax.Array) -> jax.Array:
@@ -115,14 +133,62 @@ def evaluate_bucket(exp: Experiment, params, *, task: tasks.Task,
     ``inputs [B, S]``.
   """
   batch = exp.eval_batch(task, exp.config.eval.num_sequences, stream)
-  example = exp.format(batch)
+  example = exp.format(batch, task=task, stream=stream, held_out=True)
   logits = models.apply_model(exp.model, {"params": params}, example)
   sums = loss_and_metrics(logits, example)[1]
-  prefill = task.min_input_len + 1 if exp.config.model.arch == "decoder_only" else 0
-  predictions = decoding.greedy_decode(exp.model, params, batch, target_len=task.target_len,
-                                       stop_at_eos=task.has_eos, prefill=prefill)
-  return {"sums": sums, "exact": exact_match(predictions, batch["targets"]),
+  return {"sums": sums, "exact": _greedy_exact(exp, params, task, batch, example),
           "inputs": batch["inputs"]}
+
+
+def _greedy_exact(exp: Experiment, params, task: tasks.Task, batch: dict[str, Any],
+                  example: dict[str, Any]) -> jax.Array:
+  """bool ``[B]``: greedy decoding (with the example's position ids) is exactly right."""
+  prefill = task.min_input_len + 1 if exp.config.model.arch == "decoder_only" else 0
+  predictions = decoding.greedy_decode(
+      exp.model, params, batch, target_len=task.target_len, stop_at_eos=task.has_eos,
+      prefill=prefill, position_ids=models.position_kwargs(exp.model, example))
+  return exact_match(predictions, batch["targets"])
+
+
+def evaluate_lengths(exp: Experiment, params, *, lengths: tuple[int, ...], per_length: int,
+                     stream: int) -> jax.Array:
+  """Greedy exact match at each of ``lengths`` (jit this; lengths static).
+
+  Args:
+    exp: the experiment.
+    params: model parameters.
+    lengths: the lengths n, evaluated together at the shapes of the longest.
+    per_length: held-out sequences per length.
+    stream: index of the held-out key stream.
+
+  Returns:
+    float32 ``[len(lengths)]``: the fraction of each length's sequences decoded exactly.
+  """
+  task = exp.task.with_lengths(min(lengths), max(lengths))
+  n_B = jnp.repeat(jnp.asarray(lengths, jnp.int32), per_length)
+  batch = task.sample(jax.random.fold_in(exp.eval_key, stream), n_B.shape[0], lengths=n_B)
+  example = exp.format(batch, task=task, stream=stream, held_out=True)
+  exact = _greedy_exact(exp, params, task, batch, example)
+  return exact.reshape(len(lengths), per_length).astype(jnp.float32).mean(axis=1)
+
+
+def length_curve(exp: Experiment, params) -> dict[str, Any] | None:
+  """Greedy exact match at every length of :func:`curve_lengths` (``config.eval.curve_*``),
+  in runs of ``2 * max_length`` lengths (see :func:`curve_groups`); None when
+  ``curve_max_multiplier`` is 0."""
+  c = exp.config.eval
+  if not c.curve_max_multiplier:
+    return None
+  lengths = curve_lengths(exp.task.max_length, c.curve_max_multiplier, c.curve_step)
+  exact: list[float] = []
+  for i, group in enumerate(curve_groups(lengths, 2 * exp.task.max_length)):
+    exact.extend(float(x) for x in jax.device_get(exp.evaluate_lengths(
+        params, lengths=group, per_length=c.curve_sequences, stream=CURVE_STREAM + i)))
+  return {"lengths": lengths, "exact_match": exact, "sequences_per_length": c.curve_sequences}
+
+
+# Held-out key streams of the length curve start here (buckets use 0, 1, ...).
+CURVE_STREAM = 10_000
 
 
 def summarize_bucket(out: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -152,6 +218,9 @@ def evaluate(exp: Experiment, params) -> dict[str, Any]:
         row["seen_in_training"] = float(seen.mean())
         row["exact_match_unseen"] = float(unseen.mean()) if unseen.size else None
     results["buckets"][name] = row
+  curve = length_curve(exp, params)
+  if curve is not None:
+    results["length_curve"] = curve
   if cfg.eval.decode_examples:
     results["decodes"] = [
         {"input": list(x), "output": decode_example(exp, params, x)}
@@ -168,10 +237,12 @@ def decode_example(exp: Experiment, params, input_tokens) -> list[int]:
   batch = {"inputs": jnp.asarray([input_tokens], jnp.int32),
            "targets": jnp.zeros((1, task.target_len), jnp.int32)}
   start = int(tasks.encoder_decoder_example(batch)["decoder_inputs"][0, 0])
+  example = exp.format(batch, task=task, held_out=True)
   tokens = decoding.greedy_decode(exp.model, params, batch, target_len=task.target_len,
                                   stop_at_eos=task.has_eos,
                                   prefill=len(input_tokens) + 1 if exp.config.model.arch
-                                  == "decoder_only" else 0)
+                                  == "decoder_only" else 0,
+                                  position_ids=models.position_kwargs(exp.model, example))
   out = [int(t) for t in np.asarray(tokens[0])]
   if tasks.EOS in out and task.has_eos:
     out = out[:out.index(tasks.EOS) + 1]

@@ -21,6 +21,29 @@ References:
   Su et al. 2021, "RoFormer" (rotary position embedding).
   Arora et al. 2023, "Zoology: Measuring and Improving Recall in Efficient Language Models"
   (a short convolution beside attention for associative recall).
+  Kazemnejad et al. 2023, "The Impact of Positional Encoding on Length Generalization in
+  Transformers" (NoPE: a causal decoder without position encodings).
+  Press et al. 2022, "Train Short, Test Long" (ALiBi).
+  Jelassi et al. 2024, "Repeat After Me: Transformers are Better than State Space Models at
+  Copying" (hard-ALiBi).
+  Raffel et al. 2020, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
+  Transformer" (T5 relative position buckets).
+  Li et al. 2024, "Functional Interpolation for Relative Positions Improves Long Context
+  Transformers" (FIRE).
+
+Position schemes (``TransformerConfig.position``; each one entry of :data:`POSITION_SCHEMES`):
+``sinusoidal`` and ``learned`` add an absolute encoding of each token's position id to its
+embedding; ``rotary`` rotates queries and keys by their position ids; ``none`` and ``nope``
+use no positions (``nope`` is for causal decoders, where the causal mask alone orders the
+tokens); ``alibi``, ``t5`` and ``fire`` add a bias of the distance to the self-attention
+logits through a score modifier (:mod:`attnjax.score_mods`), ``t5`` and ``fire`` with
+learned parameters per layer; ``hard_alibi`` limits head h of every self-attention layer
+to the last ``hard_alibi_windows[h]`` keys (None: no limit, a NoPE head) through a mask
+object. The bias and window schemes read the attention's own indices, so they keep
+blockwise attention's linear memory and work unchanged with the cache. Position ids are
+``0, 1, ...`` unless the caller passes its own (``positions``; see
+:func:`attnjax.toy.tasks.position_ids` for randomized and coupled ids), which only the
+schemes that read ids (``reads_position_ids``: sinusoidal, learned, rotary) use.
 """
 
 from __future__ import annotations
@@ -32,15 +55,17 @@ from typing import Any, Literal, get_args
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
 from attnjax import linen as attn_linen
-from attnjax import positional
+from attnjax import masks, positional, score_mods
 from attnjax.attention import Implementation, dot_product_attention
 from attnjax.linen import with_logical_axes
 from attnjax.toy.tasks import PAD
 
-Position = Literal["sinusoidal", "rotary", "none"]
+Position = Literal["sinusoidal", "learned", "rotary", "none", "nope", "alibi", "hard_alibi",
+                   "t5", "fire"]
 Norm = Literal["pre", "post"]
 Arch = Literal["encoder_decoder", "decoder_only"]
 # Logical axes of the residual stream [B, L, D] (parameters and activations carry logical
@@ -69,8 +94,11 @@ class TransformerConfig:
     attention_dropout_rate: dropout on the attention probabilities.
     norm: ``"pre"`` (LayerNorm inside the residual branch, plus a final one per stack) or
       ``"post"`` (LayerNorm after each residual sum, as in Vaswani et al.).
-    position: ``"sinusoidal"`` (added to the embeddings), ``"rotary"`` (applied to q and k)
-      or ``"none"``.
+    position: a key of :data:`POSITION_SCHEMES` (see the module docstring).
+    max_position: the number of learned position embeddings (``"learned"`` only; position
+      ids past it are clipped to the last).
+    hard_alibi_windows: ``"hard_alibi"`` only: per head, the number of most recent keys it
+      sees (itself included), or None for a head without limit; length ``num_heads``.
     tie_embeddings: use the decoder's input embedding as its output projection.
     short_conv: kernel size k of a causal depthwise convolution over the token embeddings:
       each position's embedding gets ``w_j * e[t - j]`` added for ``j = 1 .. k - 1`` (learned
@@ -96,6 +124,8 @@ class TransformerConfig:
   attention_dropout_rate: float = 0.0
   norm: Norm = "pre"
   position: Position = "sinusoidal"
+  max_position: int | None = None
+  hard_alibi_windows: tuple[int | None, ...] | None = None
   tie_embeddings: bool = True
   short_conv: int | None = None
   kernel_init: str = "lecun_normal"
@@ -108,6 +138,14 @@ class TransformerConfig:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
     if self.position not in POSITIONS:
       raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+    if self.position == "learned" and (self.max_position is None or self.max_position < 1):
+      raise ValueError(f"position='learned' needs max_position >= 1, got {self.max_position!r}")
+    windows = self.hard_alibi_windows
+    if self.position == "hard_alibi" and (
+        windows is None or len(windows) != self.num_heads
+        or any(w is not None and (not isinstance(w, int) or w < 1) for w in windows)):
+      raise ValueError(f"position='hard_alibi' needs hard_alibi_windows: one window >= 1 or "
+                       f"None per head ({self.num_heads}), got {windows!r}")
     if self.kernel_init not in KERNEL_INITS:
       raise ValueError(f"kernel_init must be one of {tuple(KERNEL_INITS)}, got "
                        f"{self.kernel_init!r}")
@@ -127,32 +165,58 @@ def _dense(features: int, kernel_init, axes: tuple[str, str], name: str | None =
                   bias_init=with_logical_axes(nn.initializers.zeros, axes[1:]), name=name)
 
 
-class Embed(nn.Module):
-  """Token embedding scaled by sqrt(D), then the short convolution and sinusoidal positions
-  when configured.
+class PositionIds(nn.Module):
+  """Position ids ``[B|1, L]`` of a chunk of tokens: the given ones, or ``0..L-1``; in
+  decode mode ``t..t+L-1`` for the t tokens seen before, counted in ``'cache'`` under
+  ``'position'``."""
 
-  In decode mode the position counter lives in ``'cache'`` under ``'position'``, and the
-  last ``short_conv - 1`` token embeddings under ``'previous_embeddings'``.
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, positions: Array | None = None) -> Array:
+    length = tokens.shape[-1]
+    offset: int | Array = 0
+    if self.config.decode:
+      counter = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+      if not self.is_initializing():
+        offset = counter.value
+        counter.value = counter.value + length
+    if positions is None:
+      positions = jnp.arange(length)[None, :] + offset
+    return positions
+
+
+class Embed(nn.Module):
+  """Token embedding scaled by sqrt(D), then the short convolution and the absolute position
+  encoding (sinusoidal or learned) when configured.
+
+  In decode mode the last ``short_conv - 1`` token embeddings live in ``'cache'`` under
+  ``'previous_embeddings'``.
   """
 
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens: Array, *, deterministic: bool) -> Array:
+  def __call__(self, tokens: Array, *, positions: Array | None = None,
+               deterministic: bool) -> Array:
+    """Embeddings ``[B, L, D]`` of ``tokens [B, L]`` at position ids ``positions [B|1, L]``
+    (default ``0..L-1``)."""
     cfg = self.config
     x = self.embedding(tokens) * jnp.sqrt(cfg.d_model).astype(jnp.float32)
     if cfg.short_conv is not None:
       x = self._short_conv(x)
-    if cfg.position == "sinusoidal":
-      length = tokens.shape[-1]
-      positions = jnp.arange(length)
-      if cfg.decode:
-        counter = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
-        if not self.is_initializing():
-          positions = positions + counter.value
-          counter.value = counter.value + length
+    if positions is None:
+      positions = jnp.arange(tokens.shape[-1])[None, :]
+    embedding = POSITION_SCHEMES[cfg.position].embedding
+    if embedding == "sinusoidal":
       pe = positional.sinusoidal_position_encoding(positions, cfg.d_model)
       x = x + jnp.broadcast_to(pe, x.shape)
+    elif embedding == "learned":
+      assert cfg.max_position is not None  # Checked by TransformerConfig.
+      table = self.param("position_embedding", with_logical_axes(
+          nn.initializers.normal(stddev=cfg.d_model**-0.5), (None, "embed")),
+                         (cfg.max_position, cfg.d_model))
+      x = x + jnp.broadcast_to(table[jnp.clip(positions, 0, cfg.max_position - 1)], x.shape)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
@@ -233,9 +297,9 @@ class Block(nn.Module):
   cross: bool
 
   @nn.compact
-  def __call__(self, x: Array, *, mask: Array | None, encoded: Array | None = None,
-               cross_mask: Array | None = None, deterministic: bool,
-               sow_weights: bool = False) -> Array:
+  def __call__(self, x: Array, *, mask: Array | None, positions: Array | None = None,
+               encoded: Array | None = None, cross_mask: Array | None = None,
+               deterministic: bool, sow_weights: bool = False) -> Array:
     cfg = self.config
 
     def sublayer(name, fn, x):
@@ -257,13 +321,21 @@ class Block(nn.Module):
           name=name,
       )
 
-    rotary = cfg.position == "rotary"
+    scheme = POSITION_SCHEMES[cfg.position]
     decode = cfg.decode and self.causal
-    self_attn = attention("self_attention", decode, rotary,
+    self_attn = attention("self_attention", decode, scheme.rotary,
                           None if decode else cfg.self_attention_fn)
+    score_mod = None
+    self_mask: Array | masks.Mask | None = mask
+    if scheme.attention is not None:
+      score_mod, scheme_mask = scheme.attention(self, self.causal)
+      if scheme_mask is not None:
+        self_mask = scheme_mask if mask is None else scheme_mask & masks.as_mask(mask)
+    rotary_positions = {"query_positions": positions, "key_positions": positions} if (
+        scheme.rotary and positions is not None) else {}
     x = sublayer("self_attention", lambda h: self_attn(
-        h, mask=mask, is_causal=self.causal and not decode, deterministic=deterministic,
-        sow_weights=sow_weights), x)
+        h, mask=self_mask, is_causal=self.causal and not decode, deterministic=deterministic,
+        sow_weights=sow_weights, score_mod=score_mod, **rotary_positions), x)
     if self.cross:
       cross_attn = attention("cross_attention", False, False)
       x = sublayer("cross_attention", lambda h: cross_attn(
@@ -271,6 +343,88 @@ class Block(nn.Module):
           sow_weights=sow_weights), x)
     x = sublayer("mlp", lambda h: Mlp(cfg, name="mlp")(h, deterministic=deterministic), x)
     return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+def _alibi(block: Block, causal: bool):
+  """ALiBi's fixed slopes (symmetric in a bidirectional stack)."""
+  return score_mods.ALiBi(score_mods.alibi_slopes(block.config.num_heads),
+                          symmetric=not causal), None
+
+
+T5_NUM_BUCKETS = 32
+T5_MAX_DISTANCE = 128
+
+
+def _t5(block: Block, causal: bool):
+  """T5's relative bias, a learned table ``[buckets, N]`` per layer (zeros at init)."""
+  table = block.param("t5_relative_bias", nn.initializers.zeros,
+                      (T5_NUM_BUCKETS, block.config.num_heads))
+  return score_mods.T5RelativeBias(table, T5_NUM_BUCKETS, T5_MAX_DISTANCE,
+                                   bidirectional=not causal), None
+
+
+FIRE_FIELDS = ("kernel_in", "bias_in", "kernel_out", "bias_out", "c", "threshold_multiplier")
+
+
+def _fire(block: Block, causal: bool):
+  """FIRE with the paper's initialization; its MLP, c and L multiplier are parameters."""
+  N = block.config.num_heads
+  init = score_mods.init_fire(jax.random.key(0), N)  # For the static fields.
+  fields = {name: block.param(f"fire_{name}",
+                              lambda rng, name=name: getattr(score_mods.init_fire(rng, N), name))
+            for name in FIRE_FIELDS}
+  return score_mods.FIRE(**fields, init_threshold=init.init_threshold, eps=init.eps), None
+
+
+def _hard_alibi(block: Block, causal: bool):
+  """A per-head window: head h sees keys at distance below ``windows[h]`` (on both sides in
+  a bidirectional stack); None means every key."""
+  windows = block.config.hard_alibi_windows
+  assert windows is not None  # Checked by TransformerConfig.
+  limit = np.array([np.iinfo(np.int32).max if w is None else w for w in windows], np.int32)
+
+  def visible(batch, head, q_idx, kv_idx):
+    distance = q_idx - kv_idx if causal else jnp.abs(q_idx - kv_idx)
+    return distance < jnp.asarray(limit)[head]
+  return None, masks.MaskFn(visible)
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionScheme:
+  """How one position scheme enters the model (one entry of :data:`POSITION_SCHEMES`).
+
+  Attributes:
+    embedding: ``"sinusoidal"`` or ``"learned"`` absolute encodings added to the token
+      embeddings, or None.
+    rotary: rotate queries and keys by their position ids.
+    attention: ``fn(block, causal) -> (score_mod, mask)`` for every self-attention layer,
+      called inside the layer (so it may create parameters), or None.
+    reads_position_ids: whether given position ids change anything (randomized and coupled
+      ids apply only to such schemes).
+    causal_only: needs a causal decoder-only model (without positions, a bidirectional
+      encoder cannot tell orders apart).
+  """
+
+  embedding: Literal["sinusoidal", "learned"] | None = None
+  rotary: bool = False
+  attention: Callable[[Block, bool], tuple[Callable | None, masks.Mask | None]] | None = None
+  reads_position_ids: bool = False
+  causal_only: bool = False
+
+
+POSITION_SCHEMES: dict[str, PositionScheme] = {
+    "sinusoidal": PositionScheme(embedding="sinusoidal", reads_position_ids=True),
+    "learned": PositionScheme(embedding="learned", reads_position_ids=True),
+    "rotary": PositionScheme(rotary=True, reads_position_ids=True),
+    "none": PositionScheme(),
+    "nope": PositionScheme(causal_only=True),
+    "alibi": PositionScheme(attention=_alibi),
+    "hard_alibi": PositionScheme(attention=_hard_alibi),
+    "t5": PositionScheme(attention=_t5),
+    "fire": PositionScheme(attention=_fire),
+}
+"""Every position scheme by name (the values of ``TransformerConfig.position``)."""
+assert set(POSITION_SCHEMES) == set(get_args(Position))
 
 
 class Stack(nn.Module):
@@ -311,6 +465,8 @@ class EncoderDecoder(nn.Module):
 
   def setup(self):
     cfg = self.config
+    self.encoder_positions = PositionIds(dataclasses.replace(cfg, decode=False))
+    self.decoder_positions = PositionIds(cfg)
     self.encoder_embed = Embed(cfg)
     self.decoder_embed = Embed(cfg)
     self.encoder = Stack(dataclasses.replace(cfg, decode=False), causal=False, cross=False)
@@ -319,48 +475,60 @@ class EncoderDecoder(nn.Module):
       self.logits_dense = _dense(cfg.vocab_size, KERNEL_INITS[cfg.kernel_init],
                                  ("embed", "vocab"))
 
-  def encode(self, inputs: Array, *, deterministic: bool = True,
-             sow_weights: bool = False) -> Array:
-    """Encoder outputs ``[B, S, D]`` for ``inputs [B, S]``."""
-    x = self.encoder_embed(inputs, deterministic=deterministic)
-    return self.encoder(x, mask=_key_padding_mask(inputs), deterministic=deterministic,
-                        sow_weights=sow_weights)
+  def encode(self, inputs: Array, *, positions: Array | None = None,
+             deterministic: bool = True, sow_weights: bool = False) -> Array:
+    """Encoder outputs ``[B, S, D]`` for ``inputs [B, S]`` (position ids ``[B, S]``
+    optional)."""
+    positions = self.encoder_positions(inputs, positions)
+    x = self.encoder_embed(inputs, positions=positions, deterministic=deterministic)
+    return self.encoder(x, mask=_key_padding_mask(inputs), positions=positions,
+                        deterministic=deterministic, sow_weights=sow_weights)
 
   def decode(self, encoded: Array, inputs: Array, decoder_inputs: Array, *,
-             deterministic: bool = True, sow_weights: bool = False) -> Array:
+             positions: Array | None = None, deterministic: bool = True,
+             sow_weights: bool = False) -> Array:
     """Logits ``[B, T, V]`` for ``decoder_inputs [B, T]`` given ``encoded [B, S, D]``.
 
-    ``inputs [B, S]`` (the source tokens) give the cross-attention padding mask.
+    ``inputs [B, S]`` (the source tokens) give the cross-attention padding mask;
+    ``positions [B, T]`` are the decoder tokens' position ids (optional).
     """
-    y = self.decoder_embed(decoder_inputs, deterministic=deterministic)
-    y = self.decoder(y, mask=None, encoded=encoded, cross_mask=_key_padding_mask(inputs),
-                     deterministic=deterministic, sow_weights=sow_weights)
+    positions = self.decoder_positions(decoder_inputs, positions)
+    y = self.decoder_embed(decoder_inputs, positions=positions, deterministic=deterministic)
+    y = self.decoder(y, mask=None, positions=positions, encoded=encoded,
+                     cross_mask=_key_padding_mask(inputs), deterministic=deterministic,
+                     sow_weights=sow_weights)
     return _output_logits(self, self.decoder_embed, y)
 
-  def __call__(self, inputs: Array, decoder_inputs: Array, *, deterministic: bool = True,
-               sow_weights: bool = False) -> Array:
-    encoded = self.encode(inputs, deterministic=deterministic, sow_weights=sow_weights)
-    return self.decode(encoded, inputs, decoder_inputs, deterministic=deterministic,
-                       sow_weights=sow_weights)
+  def __call__(self, inputs: Array, decoder_inputs: Array, *,
+               input_positions: Array | None = None, decoder_positions: Array | None = None,
+               deterministic: bool = True, sow_weights: bool = False) -> Array:
+    encoded = self.encode(inputs, positions=input_positions, deterministic=deterministic,
+                          sow_weights=sow_weights)
+    return self.decode(encoded, inputs, decoder_inputs, positions=decoder_positions,
+                       deterministic=deterministic, sow_weights=sow_weights)
 
 
 class DecoderOnly(nn.Module):
-  """Causal Transformer over one sequence: logits ``[B, L, V]`` for ``decoder_inputs [B, L]``."""
+  """Causal Transformer over one sequence: logits ``[B, L, V]`` for ``decoder_inputs [B, L]``
+  (position ids ``positions [B, L]`` optional)."""
 
   config: TransformerConfig
 
   def setup(self):
     cfg = self.config
+    self.positions = PositionIds(cfg)
     self.embed = Embed(cfg)
     self.decoder = Stack(cfg, causal=True, cross=False)
     if not cfg.tie_embeddings:
       self.logits_dense = _dense(cfg.vocab_size, KERNEL_INITS[cfg.kernel_init],
                                  ("embed", "vocab"))
 
-  def __call__(self, decoder_inputs: Array, *, deterministic: bool = True,
-               sow_weights: bool = False) -> Array:
-    y = self.embed(decoder_inputs, deterministic=deterministic)
-    y = self.decoder(y, mask=None, deterministic=deterministic, sow_weights=sow_weights)
+  def __call__(self, decoder_inputs: Array, *, positions: Array | None = None,
+               deterministic: bool = True, sow_weights: bool = False) -> Array:
+    positions = self.positions(decoder_inputs, positions)
+    y = self.embed(decoder_inputs, positions=positions, deterministic=deterministic)
+    y = self.decoder(y, mask=None, positions=positions, deterministic=deterministic,
+                     sow_weights=sow_weights)
     return _output_logits(self, self.embed, y)
 
 
@@ -372,13 +540,27 @@ def make_model(arch: Arch, config: TransformerConfig) -> nn.Module:
   """The module for ``arch`` (``"encoder_decoder"`` or ``"decoder_only"``)."""
   if arch not in ARCHITECTURES:
     raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
+  if POSITION_SCHEMES[config.position].causal_only and arch != "decoder_only":
+    raise ValueError(f"position={config.position!r} needs arch='decoder_only' (a "
+                     f"bidirectional encoder without positions cannot tell orders apart), got "
+                     f"arch={arch!r}")
   return ARCHITECTURES[arch](config)
+
+
+def position_kwargs(model: nn.Module, example: dict[str, Array]) -> dict[str, Any]:
+  """The position ids of ``example`` (see :func:`attnjax.toy.tasks.position_ids`) as keyword
+  arguments of the model's ``__call__``."""
+  names = (("input_positions", "decoder_positions") if isinstance(model, EncoderDecoder)
+           else ("positions",))
+  return {name: example[name] for name in names if name in example}
 
 
 def apply_model(model: nn.Module, variables, example: dict[str, Array], **kwargs) -> Any:
   """Logits for an example from :func:`attnjax.toy.tasks.encoder_decoder_example` or
-  :func:`attnjax.toy.tasks.decoder_only_example`; with ``mutable=...`` among ``kwargs``,
-  the pair ``(logits, mutated variables)`` of ``model.apply``."""
+  :func:`attnjax.toy.tasks.decoder_only_example` (with its position ids, if any); with
+  ``mutable=...`` among ``kwargs``, the pair ``(logits, mutated variables)`` of
+  ``model.apply``."""
+  kwargs = {**position_kwargs(model, example), **kwargs}
   if isinstance(model, EncoderDecoder):
     return model.apply(variables, example["inputs"], example["decoder_inputs"], **kwargs)
   return model.apply(variables, example["decoder_inputs"], **kwargs)
@@ -391,6 +573,7 @@ def init_params(model: nn.Module, key: Array, example: dict[str, Array]):
 
 def apply_init(model: nn.Module, key: Array, example: dict[str, Array]):
   """Like :func:`init_params`, unjitted (to call inside another jitted function)."""
+  kwargs = position_kwargs(model, example)
   if isinstance(model, EncoderDecoder):
-    return model.init(key, example["inputs"], example["decoder_inputs"])["params"]
-  return model.init(key, example["decoder_inputs"])["params"]
+    return model.init(key, example["inputs"], example["decoder_inputs"], **kwargs)["params"]
+  return model.init(key, example["decoder_inputs"], **kwargs)["params"]

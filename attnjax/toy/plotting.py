@@ -56,7 +56,8 @@ def attention_maps(exp: Experiment, params, workdir: str) -> list[str]:
 
   @jax.jit
   def sow(params):
-    example = exp.format(exp.eval_batch(exp.task, num, stream=1000))
+    example = exp.format(exp.eval_batch(exp.task, num, stream=1000), stream=1000,
+                         held_out=True)
     _, variables = models.apply_model(exp.model, {"params": params}, example,
                                       sow_weights=True, mutable=["intermediates"])
     return example, variables["intermediates"]

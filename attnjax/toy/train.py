@@ -110,6 +110,7 @@ HARMLESS_CHANGES = frozenset({
     "plots", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "eval.num_sequences", "eval.length_multipliers",
     "eval.num_attention_examples", "eval.decode_examples", "eval.check_overlap",
+    "eval.curve_max_multiplier", "eval.curve_step", "eval.curve_sequences",
     "mesh.shape", "mesh.rules"})
 
 
@@ -150,9 +151,12 @@ _FIELD_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("optimizer.grad_clip_norm", *_number(0)),
     ("eval.num_sequences", *_integer(1)),
     ("eval.length_multipliers",
-     lambda x: isinstance(x, (tuple, list)) and all(_is_int(m) and m >= 1 for m in x),
-     "a sequence of integers >= 1"),
+     lambda x: isinstance(x, (tuple, list)) and all(_is_number(m) and m >= 1 for m in x),
+     "a sequence of numbers >= 1"),
     ("eval.num_attention_examples", *_integer(0)),
+    ("eval.curve_max_multiplier", *_integer(0)),
+    ("eval.curve_step", *_integer(1)),
+    ("eval.curve_sequences", *_integer(1)),
 )
 
 
@@ -198,12 +202,29 @@ def make_model(config: ml_collections.ConfigDict, task: tasks.Task,
                                               head_axis_name="tensor")
   if c.arch == "decoder_only" and not task.has_eos:
     raise ValueError(f"task {task.name!r} only supports arch='encoder_decoder'")
+  if c.position_ids not in tasks.POSITION_IDS:
+    raise ValueError(f"config.model.position_ids must be one of {tasks.POSITION_IDS}, got "
+                     f"{c.position_ids!r}")
+  if c.position_ids != "sequential":
+    if c.position not in models.POSITION_SCHEMES or not models.POSITION_SCHEMES[
+        c.position].reads_position_ids:
+      readers = tuple(k for k, v in models.POSITION_SCHEMES.items() if v.reads_position_ids)
+      raise ValueError(f"config.model.position_ids={c.position_ids!r} needs a position that "
+                       f"reads position ids, one of {readers}; got position={c.position!r}")
+    if c.max_position is None:
+      raise ValueError(f"config.model.position_ids={c.position_ids!r} needs "
+                       "config.model.max_position")
+    if c.position_ids == "coupled" and task.spec.source is None:
+      raise ValueError(f"config.model.position_ids='coupled' needs a task with a source map; "
+                       f"{task.name!r} has none")
+  windows = c.hard_alibi_windows
   return models.make_model(c.arch, models.TransformerConfig(
       vocab_size=task.vocab_size, num_layers=c.num_layers, d_model=c.d_model,
       num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, mlp_dim=c.mlp_dim,
       dropout_rate=c.dropout_rate, attention_dropout_rate=c.attention_dropout_rate,
-      norm=c.norm, position=c.position, tie_embeddings=c.tie_embeddings,
-      short_conv=c.short_conv, kernel_init=c.kernel_init,
+      norm=c.norm, position=c.position, max_position=c.max_position,
+      hard_alibi_windows=None if windows is None else tuple(windows),
+      tie_embeddings=c.tie_embeddings, short_conv=c.short_conv, kernel_init=c.kernel_init,
       implementation=c.implementation, self_attention_fn=attention_fn))
 
 
@@ -269,7 +290,7 @@ class Experiment:
     rules = mesh_config.get("rules")
     self.rules = sharding.DEFAULT_RULES if rules is None else tuple(map(tuple, rules))
     self.model = make_model(config, self.task, self.mesh)
-    self.format = make_format(self.model)
+    self._format = make_format(self.model)
     self.tx = make_optimizer(config)
     data = self.mesh.shape["data"]
     if config.train.batch_size % data:
@@ -279,8 +300,8 @@ class Experiment:
     self.data_sharding = NamedSharding(self.mesh, P("data"))
     # Independent streams from the seed: training data, held-out data, dropout, init.
     root = jax.random.key(config.seed)
-    self.train_key, self.eval_key, self.dropout_key, self.init_key = (
-        jax.random.fold_in(root, i) for i in range(4))
+    (self.train_key, self.eval_key, self.dropout_key, self.init_key, self.position_key,
+     self.eval_position_key) = (jax.random.fold_in(root, i) for i in range(6))
     with self.sharding_context():
       boxed = jax.eval_shape(self._create_state)
     # Parameters by their logical axes; the flat optimizer moments and the step replicated.
@@ -291,6 +312,10 @@ class Experiment:
     self.evaluate_bucket = self._in_context(jax.jit(
         functools.partial(evaluation.evaluate_bucket, self), static_argnames=("task", "stream"),
         out_shardings=self.replicated))
+    self._check_position_ids()
+    self.evaluate_lengths = self._in_context(jax.jit(
+        functools.partial(evaluation.evaluate_lengths, self),
+        static_argnames=("lengths", "per_length", "stream"), out_shardings=self.replicated))
 
   def sharding_context(self) -> contextlib.AbstractContextManager:
     """The mesh (``jax.set_mesh``) and logical axis rules that the model is traced under."""
@@ -305,6 +330,30 @@ class Experiment:
       with self.sharding_context():
         return fn(*args, **kwargs)
     return call
+
+  def format(self, batch: dict[str, jax.Array], *, task: tasks.Task | None = None,
+             stream: int | jax.Array = 0, held_out: bool = False) -> dict[str, jax.Array]:
+    """The model's example of ``batch`` (a batch of ``task``, default the training task),
+    with the position ids of ``config.model.position_ids`` drawn from ``stream`` (the
+    training step, or the held-out stream with ``held_out``) of the position key
+    streams."""
+    example = self._format(batch)
+    c = self.config.model
+    if c.position_ids == "sequential":
+      return example
+    key = jax.random.fold_in(self.eval_position_key if held_out else self.position_key, stream)
+    return {**example, **tasks.position_ids(example, task or self.task, kind=c.position_ids,
+                                            max_position=c.max_position, key=key)}
+
+  def _check_position_ids(self) -> None:
+    """Draws (abstractly) the position ids of the longest evaluated sequences, so that a
+    ``max_position`` too small for them fails now rather than after training."""
+    c = self.config.eval
+    longest = max([self.task.max_length]
+                  + [round(m * self.task.max_length) for m in c.length_multipliers]
+                  + [c.curve_max_multiplier * self.task.max_length])
+    task = self.task.with_lengths(longest, longest)
+    jax.eval_shape(lambda: self.format(task.sample(jax.random.key(0), 1), task=task))
 
   def sample_train_batch(self, step: int | jax.Array) -> dict[str, jax.Array]:
     """The training batch of ``step`` (sharded over ``data`` inside jit)."""
@@ -332,7 +381,7 @@ class Experiment:
                         state, self.state_sharding)
 
   def _train_step(self, state: train_state.TrainState):
-    example = self.format(self.sample_train_batch(state.step))
+    example = self.format(self.sample_train_batch(state.step), stream=state.step)
     dropout_key = jax.random.fold_in(self.dropout_key, state.step)
 
     def loss_fn(params):
