@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from attnjax.toy import launch
@@ -117,6 +119,12 @@ def test_two_processes_match_one_and_resume_after_a_kill(tmp_path):
   assert "[0] Resuming from step" in second.stdout
   assert "[1] Resuming from step" in second.stdout
   assert os.path.exists(mp / "results.json") and os.path.exists(mp / "config.json")
+  # The processes saved Adam's moments in the parameters' shapes, shard by shard.
+  with ocp.CheckpointManager(mp / "checkpoints",
+                             item_handlers=ocp.StandardCheckpointHandler()) as manager:
+    metadata = manager.item_metadata(40)
+  shapes = [x.shape for x in jax.tree.leaves(metadata["params"])]
+  assert [x.shape for x in jax.tree.leaves(metadata["opt_state"][1][0]["mu"])] == shapes
   expected, got = final_metrics(tmp_path / "one"), final_metrics(mp)
   assert got["step"] == expected["step"] == 40
   for name in expected:

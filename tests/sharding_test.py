@@ -90,6 +90,10 @@ def test_make_mesh_errors(shape, message):
 # ----------------------------------------------------------------------------- eight devices
 
 
+def assert_same_sharding(a, b):
+  assert (a.mesh, a.spec) == (b.mesh, b.spec), (a, b)
+
+
 @eight_devices
 @pytest.mark.parametrize("num_kv_heads, kv_spec", [(2, P(None, "tensor", None)),
                                                    (1, P(None, None, None))])
@@ -149,6 +153,23 @@ def test_train_step_on_a_2x2x2_mesh_matches_one_device_and_checkpoints_move(tmp_
   assert kernel.sharding.spec == P(None, "tensor", None)
   assert state_mesh.params["decoder"]["layer_0"]["mlp"]["wi"]["kernel"].sharding.spec == P(
       None, "tensor")
+  # Adam's moments are sharded like the parameters; the step counts are replicated.
+  clip, (adam, schedule) = state_mesh.opt_state
+  for moments in (adam.mu, adam.nu):
+    jax.tree.map(lambda m, p: assert_same_sharding(m.sharding, p.sharding), moments,
+                 state_mesh.params)
+    assert moments["encoder"]["layer_0"]["self_attention"]["query"]["kernel"].sharding.spec \
+        == P(None, "tensor", None)
+  assert adam.count.sharding.is_fully_replicated and schedule.count.sharding.is_fully_replicated
+  # Each step's batch is fed as a global array over data: the rows of the one-device
+  # stream, each device holding its data block (and tensor, sequence replicas of it).
+  batch = mesh.sample_train_batch(3)
+  expected = one.task.sample(jax.random.fold_in(one.train_key, 3), one.config.train.batch_size)
+  for name, x in batch.items():
+    assert x.sharding == mesh.data_sharding, name
+    np.testing.assert_array_equal(x, expected[name], err_msg=name)
+    for shard in x.addressable_shards:
+      np.testing.assert_array_equal(shard.data, expected[name][shard.index], err_msg=name)
   close = dict(rtol=2e-5, atol=2e-6)
   jax.tree.map(np.testing.assert_array_equal, state_mesh.params, state_one.params)
   for _ in range(2):
@@ -170,6 +191,8 @@ def test_train_step_on_a_2x2x2_mesh_matches_one_device_and_checkpoints_move(tmp_
     restored = m.restore(2, args=ocp.args.StandardRestore(one.abstract_state()))
   assert kernel.sharding.device_set != restored.params["encoder"]["layer_0"][
       "self_attention"]["query"]["kernel"].sharding.device_set
+  assert jax.tree.map(lambda x: x.sharding, restored) == one.state_sharding
+  jax.tree.map(np.testing.assert_array_equal, restored.opt_state, state_mesh.opt_state)
   _, metrics_restored = one.train_step(restored)
   _, metrics_one = one.train_step(state_one)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **close), metrics_restored,

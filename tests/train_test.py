@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -123,6 +124,30 @@ def test_rerun_resumes_and_matches_an_uninterrupted_run(copy_run, tmp_path, caps
   assert again["buckets"] == resumed["buckets"] and _steps(workdir) == [10, 20]
 
 
+def test_a_checkpoint_with_flat_optimizer_moments_resumes_converted(copy_run, tmp_path):
+  # Runs before the moments took the parameters' shapes saved them as one flat vector each
+  # (optax.flatten: the leaves' ravels concatenated in tree order).
+  exp = train.Experiment(_smoke())
+  with ocp.CheckpointManager(os.path.join(copy_run[0], "checkpoints"),
+                             item_handlers=ocp.StandardCheckpointHandler()) as manager:
+    state = manager.restore(10, args=ocp.args.StandardRestore(exp.abstract_state()))
+  clip, (adam, schedule) = state.opt_state
+  flat = adam._replace(**{name: np.concatenate([np.ravel(x) for x in jax.tree.leaves(
+      getattr(adam, name))]) for name in ("mu", "nu")})
+  old = state.replace(opt_state=(clip, (flat, schedule)))
+  workdir = tmp_path / "checkpoints"
+  with ocp.CheckpointManager(workdir, item_handlers=ocp.StandardCheckpointHandler()) as manager:
+    manager.save(10, args=ocp.args.StandardSave(old))
+    manager.wait_until_finished()
+    assert manager.item_metadata(10)["opt_state"][1][0]["mu"].shape == (
+        sum(x.size for x in jax.tree.leaves(state.params)),)
+    restored, step, damaged = train._restore_newest_intact(str(tmp_path), exp, manager)
+  assert step == 10 and not damaged
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+  assert jax.tree.map(lambda x: x.sharding, restored) == exp.state_sharding
+
+
 def _mtimes(workdir):
   """Modification times of the workdir's entries but ``lock`` (which every run rewrites)."""
   return {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)
@@ -225,7 +250,7 @@ DATA_PARALLEL = textwrap.dedent("""
         state, metrics = exp.train_step(state)
       runs.append((state.params, metrics))
       print(len(exp.mesh.devices.ravel()), "devices, sharding of a batch:",
-            jax.jit(exp.sample_train_batch)(0)["inputs"].sharding.num_devices)
+            exp.sample_train_batch(0)["inputs"].sharding.num_devices)
     (params8, metrics8), (params1, metrics1) = runs
     for name in ("loss", "correct", "grad_norm"):
       np.testing.assert_allclose(metrics8[name], metrics1[name], rtol=1e-5)

@@ -78,9 +78,8 @@ def logical_shardings(tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
     A pytree of ``NamedSharding`` in the structure of ``nn.unbox(tree)``. A boxed leaf is
     sharded by its logical axes, except on dims that its mesh axes do not divide (those are
     replicated: e.g. one key/value head with two tensor devices). Unboxed leaves are
-    replicated (among them the optimizer moments, which ``optax.flatten`` keeps as one flat
-    vector: sharding it would make XLA regather it into the parameters' layouts at every
-    step).
+    replicated. (Optimizer moments made by ``optax`` from boxed parameters are boxed
+    alike, so they are sharded as their parameters.)
   """
   specs = nn.get_partition_spec(tree)
   specs = nn.logical_to_mesh(specs, rules)

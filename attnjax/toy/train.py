@@ -1,12 +1,14 @@
 """Training loop for the toy tasks: data parallel, checkpointed, resumable.
 
-:func:`train_and_evaluate` is the whole experiment. Batches are generated inside the jitted
-train step from ``fold_in(key, step)`` and sharded over the ``data`` axis of a
-``(data, tensor, sequence)`` mesh of every device (``config.mesh``; by default all on
-``data``), parameters by their logical axes (:mod:`attnjax.toy.sharding`), the flat
-optimizer moments replicated, so a run is a function of its config alone: the same seed
-gives the same metrics, on one device or eight, in one process or several, up to float
-rounding, and a resumed run continues the same data stream, whatever mesh saved it. In a
+:func:`train_and_evaluate` is the whole experiment. The batch of a step is drawn from
+``fold_in(key, step)``; each process keeps the rows of its devices and feeds them to the
+compiled train step as one global array (``jax.make_array_from_process_local_data``),
+sharded over the ``data`` axis of a ``(data, tensor, sequence)`` mesh of every device
+(``config.mesh``; by default all on ``data``); parameters and Adam's moments are sharded by
+the parameters' logical axes (:mod:`attnjax.toy.sharding`), so a run is a function of its
+config alone: the same seed gives the same metrics, on one device or eight, in one process
+or several, up to float rounding, and a resumed run continues the same data stream,
+whatever mesh saved it. In a
 multi-process run (:mod:`attnjax.toy.launch`) every process trains and writes its shards
 of the checkpoints; the first alone locks the workdir and writes the other files.
 
@@ -43,7 +45,9 @@ Guarantees of a run, in order:
 * Training resumes from the newest checkpoint that restores (metadata readable, data
   readable and finite); newer damaged ones are logged and moved to ``damaged_checkpoints/``.
   If checkpoints exist but none restores, :class:`DamagedWorkdirError` is raised and
-  nothing is moved. An unreadable ``config.json`` is logged, recorded in the history and
+  nothing is moved. A checkpoint of a run before the moments took the parameters' shapes
+  (one flat vector each, ``optax.flatten``) is restored and converted. An unreadable
+  ``config.json`` is logged, recorded in the history and
   replaced. Unreadable (torn) lines of ``metrics.jsonl`` and records past the restored step
   are dropped, with a log line.
 * ``config.json``, ``results.json`` and rewrites of ``metrics.jsonl`` go to a temporary
@@ -68,6 +72,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -76,7 +81,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax.training import train_state
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from attnjax import parallel
@@ -260,9 +265,10 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Adam or AdamW under the schedule, after global-norm gradient clipping.
 
-  The update runs on all parameters flattened into one vector (``optax.flatten``): the same
-  arithmetic in a few large XLA ops instead of a few per parameter, which compiles and runs
-  faster on CPU. (AdamW's weight decay therefore applies to every parameter.)
+  The moments are trees shaped like the parameters, so that they take the parameters'
+  logical axes and are sharded like them on a mesh. (Runs before this kept them as one flat
+  vector, ``optax.flatten``; :func:`train_and_evaluate` converts such checkpoints on
+  resuming.) AdamW's weight decay applies to every parameter.
   """
   c = config.optimizer
   lr = learning_rate_schedule(config)
@@ -274,7 +280,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     raise ValueError(f"optimizer.name must be adam or adamw, got {c.name!r}")
   if c.grad_clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), opt)
-  return optax.flatten(opt)
+  return opt
 
 
 class Experiment:
@@ -304,10 +310,21 @@ class Experiment:
      self.eval_position_key) = (jax.random.fold_in(root, i) for i in range(6))
     with self.sharding_context():
       boxed = jax.eval_shape(self._create_state)
-    # Parameters by their logical axes; the flat optimizer moments and the step replicated.
+    # Parameters and the optimizer moments (trees of the parameters' shapes, which keep
+    # their logical axes) by their logical axes; the step counts replicated.
     self.state_sharding = sharding.logical_shardings(boxed, self.mesh, self.rules)
-    self.train_step = self._in_context(jax.jit(
-        self._train_step, donate_argnums=0, in_shardings=(self.state_sharding,),
+    # The training batch: every process draws the step's whole batch with one small jitted
+    # sampler on its first device of the mesh, and keeps the rows of its devices.
+    rows = _process_rows(self.data_sharding, config.train.batch_size)
+    self._sample_local_rows = jax.jit(
+        lambda step: jax.tree.map(lambda x: x[rows], self.task.sample(
+            jax.random.fold_in(self.train_key, step), config.train.batch_size)),
+        out_shardings=SingleDeviceSharding(self.mesh.local_devices[0]))
+    self._batch_shapes = {name: (config.train.batch_size, *x.shape[1:]) for name, x in
+                          jax.eval_shape(self._sample_local_rows, 0).items()}
+    self._train_step_jit = self._in_context(jax.jit(
+        self._train_step, donate_argnums=0,
+        in_shardings=(self.state_sharding, self.data_sharding),
         out_shardings=(self.state_sharding, self.replicated)))
     self.evaluate_bucket = self._in_context(jax.jit(
         functools.partial(evaluation.evaluate_bucket, self), static_argnames=("task", "stream"),
@@ -355,11 +372,32 @@ class Experiment:
     task = self.task.with_lengths(longest, longest)
     jax.eval_shape(lambda: self.format(task.sample(jax.random.key(0), 1), task=task))
 
-  def sample_train_batch(self, step: int | jax.Array) -> dict[str, jax.Array]:
-    """The training batch of ``step`` (sharded over ``data`` inside jit)."""
-    batch = self.task.sample(jax.random.fold_in(self.train_key, step),
-                             self.config.train.batch_size)
-    return jax.lax.with_sharding_constraint(batch, self.data_sharding)
+  def sample_train_batch(self, step: int) -> dict[str, jax.Array]:
+    """The training batch of ``step``, a global array sharded over ``data``.
+
+    Every process draws the whole batch from ``fold_in(train_key, step)`` (the same bits on
+    any device) and gives ``jax.make_array_from_process_local_data`` the rows of its own
+    devices, so the data stream does not depend on the mesh or the number of processes.
+    """
+    return jax.make_array_from_process_local_data(
+        self.data_sharding, self._sample_local_rows(step), self._batch_shapes)
+
+  def train_step(self, state: train_state.TrainState,
+                 batch: dict[str, jax.Array] | None = None
+                 ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
+    """One optimizer step (``state`` is donated).
+
+    Args:
+      state: the training state, sharded as ``state_sharding``.
+      batch: the batch of step ``state.step`` (:meth:`sample_train_batch`); None samples it
+        (reading ``state.step`` back from the device).
+
+    Returns:
+      ``(new_state, metrics)``: the metrics are sums over the batch (replicated).
+    """
+    if batch is None:
+      batch = self.sample_train_batch(int(state.step))
+    return self._train_step_jit(state, batch)
 
   def _create_state(self) -> train_state.TrainState:
     """The initial state; its parameters boxed with their logical axes under the rules."""
@@ -380,8 +418,32 @@ class Experiment:
                                                                  sharding=sharding),
                         state, self.state_sharding)
 
-  def _train_step(self, state: train_state.TrainState):
-    example = self.format(self.sample_train_batch(state.step), stream=state.step)
+  def abstract_flat_state(self) -> train_state.TrainState:
+    """:meth:`abstract_state` in the layout of checkpoints whose optimizer moments are one
+    flat vector each (``optax.flatten`` of :func:`make_optimizer`), replicated."""
+    abstract = self.abstract_state()
+    opt_state = jax.eval_shape(optax.flatten(self.tx).init, abstract.params)
+    return abstract.replace(opt_state=jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), opt_state))
+
+  def from_flat_state(self, state: train_state.TrainState) -> train_state.TrainState:
+    """A state of :meth:`abstract_flat_state`'s layout in :meth:`abstract_state`'s: each
+    flat moment split into the parameters' shapes, the whole sharded as
+    ``state_sharding``."""
+    target = self.abstract_state().opt_state
+
+    def convert(state):
+      unravel = jax.flatten_util.ravel_pytree(state.params)[1]
+      # The flat layout's leaves are a prefix of the new: a flat moment where the new
+      # state holds a tree of the parameters' shapes, the same leaf elsewhere.
+      opt_state = jax.tree.map(
+          lambda flat, new: flat if isinstance(new, jax.ShapeDtypeStruct) else unravel(flat),
+          state.opt_state, target)
+      return state.replace(opt_state=opt_state)
+    return jax.jit(convert, out_shardings=self.state_sharding)(state)
+
+  def _train_step(self, state: train_state.TrainState, batch: dict[str, jax.Array]):
+    example = self.format(batch, stream=state.step)
     dropout_key = jax.random.fold_in(self.dropout_key, state.step)
 
     def loss_fn(params):
@@ -400,6 +462,13 @@ class Experiment:
     if num % self.mesh.shape["data"] == 0:
       batch = jax.lax.with_sharding_constraint(batch, self.data_sharding)
     return batch
+
+
+def _process_rows(data_sharding: NamedSharding, batch_size: int) -> np.ndarray:
+  """The batch rows on this process's devices of ``data_sharding``, in order."""
+  spans = {(slice(None) if index is None else index[0]).indices(batch_size)[:2]
+           for index in data_sharding.addressable_devices_indices_map((batch_size,)).values()}
+  return np.concatenate([np.arange(start, stop) for start, stop in sorted(spans)])
 
 
 def _is_primary() -> bool:
@@ -510,6 +579,7 @@ def _restore_newest_intact(workdir: str, exp: Experiment, manager: ocp.Checkpoin
   """
   abstract = exp.abstract_state()
   want = _shapes(abstract.params)
+  flat_layout = _leaf_shapes(exp.abstract_flat_state().opt_state)
   damaged = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
@@ -528,11 +598,17 @@ def _restore_newest_intact(workdir: str, exp: Experiment, manager: ocp.Checkpoin
       raise IncompatibleWorkdirError(
           f"{workdir}: the parameters of checkpoint {step} do not match the model of this "
           f"config; use a new workdir. Differences: " + "; ".join(diffs[:5]))
+    flat = "opt_state" in metadata and _leaf_shapes(metadata["opt_state"]) == flat_layout
     try:
-      state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      state = manager.restore(step, args=ocp.args.StandardRestore(
+          exp.abstract_flat_state() if flat else abstract))
     except Exception as e:  # TensorStore reports damaged data as a ValueError.
       damaged.append((step, f"unreadable data: {_first_line(e)}"))
       continue
+    if flat:
+      logging.info("Checkpoint %d keeps the optimizer moments flat; converting them to the "
+                   "parameters' shapes.", step)
+      state = exp.from_flat_state(state)
     if not bool(_all_finite((state.params, state.opt_state))):
       damaged.append((step, "non-finite values"))
       continue
@@ -575,6 +651,10 @@ def _move_damaged(workdir: str, manager: ocp.CheckpointManager,
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   leaves = jax.tree_util.tree_flatten_with_path(dict(tree))[0]
   return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _leaf_shapes(tree) -> list[tuple[int, ...]]:
+  return [tuple(leaf.shape) for leaf in jax.tree.leaves(tree)]
 
 
 @jax.jit
@@ -796,7 +876,7 @@ def _train_and_evaluate(config, workdir, exp, manager, state, latest, start_time
                             write=_is_primary())
   with contextlib.closing(metrics_log):
     for step in range(start + 1, num_steps + 1):
-      state, metrics = exp.train_step(state)
+      state, metrics = exp.train_step(state, exp.sample_train_batch(step - 1))
       pending.append(metrics)
       record = {}
       if step % config.train.log_every == 0 or step == num_steps:
