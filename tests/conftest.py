@@ -1,6 +1,9 @@
 """Shared pytest configuration and fixtures for the attnjax tests."""
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -50,3 +53,22 @@ def assert_no_quadratic_buffers() -> Callable[..., None]:
       assert memory.temp_size_in_bytes < 4 * T * S, memory.temp_size_in_bytes
 
   return check
+
+
+@pytest.fixture(scope="session")
+def run_on_eight_devices() -> Callable[[str], None]:
+  """Returns `run(test_file)`: runs that file's tests in a fresh pytest process on 8 forced
+  CPU devices (with ``ATTNJAX_EIGHT_DEVICES=1`` set, for the tests that only run there) and
+  asserts that they all pass."""
+
+  def run(test_file):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", ATTNJAX_EIGHT_DEVICES="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-rA", "-n", "0", "-p", "no:cacheprovider",
+         test_file], env=env, capture_output=True, text=True, timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert "passed" in result.stdout.splitlines()[-1], result.stdout[-3000:]
+
+  return run

@@ -8,8 +8,6 @@ that flag and ``ATTNJAX_EIGHT_DEVICES=1``).
 
 import functools
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -30,15 +28,8 @@ one_device = pytest.mark.skipif(_CHILD, reason="runs in the parent process")
 
 
 @one_device
-def test_on_eight_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", ATTNJAX_EIGHT_DEVICES="1")
-  result = subprocess.run(
-      [sys.executable, "-m", "pytest", "-x", "-rA", "-p", "no:cacheprovider", __file__],
-      env=env, capture_output=True, text=True, timeout=600,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-  assert "passed" in result.stdout.splitlines()[-1], result.stdout[-3000:]
+def test_on_eight_devices(run_on_eight_devices):
+  run_on_eight_devices(__file__)
 
 
 # ----------------------------------------------------------------------------- one device

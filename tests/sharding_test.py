@@ -7,8 +7,6 @@ this file alone with that flag and ``ATTNJAX_EIGHT_DEVICES=1``).
 """
 
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -27,7 +25,6 @@ from attnjax.toy import sharding, train
 _CHILD = os.environ.get("ATTNJAX_EIGHT_DEVICES") == "1"
 eight_devices = pytest.mark.skipif(not _CHILD, reason="runs in test_on_eight_devices")
 one_device = pytest.mark.skipif(_CHILD, reason="runs in the parent process")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def smoke_config(mesh_shape=None):
@@ -40,14 +37,8 @@ def smoke_config(mesh_shape=None):
 
 
 @one_device
-def test_on_eight_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", ATTNJAX_EIGHT_DEVICES="1")
-  result = subprocess.run(
-      [sys.executable, "-m", "pytest", "-x", "-rA", "-p", "no:cacheprovider", __file__],
-      env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-  assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-  assert "passed" in result.stdout.splitlines()[-1], result.stdout[-3000:]
+def test_on_eight_devices(run_on_eight_devices):
+  run_on_eight_devices(__file__)
 
 
 # ----------------------------------------------------------------------------- one device
