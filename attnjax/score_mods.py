@@ -1,4 +1,5 @@
-"""Ready-made score modifiers: ALiBi, T5 relative bias, FIRE and soft-capping.
+"""Ready-made score modifiers: ALiBi, T5 relative bias, FIRE and soft-capping, and
+``AtPositions`` to read any of them at position ids instead of indices.
 
 A score modifier is a callable ``score_mod(score, batch, head, q_idx, kv_idx) -> score``
 (FlexAttention's signature), applied elementwise to the float32 logits ``scale * q.k`` before
@@ -351,6 +352,67 @@ class SoftCap:
     if math.isinf(self.cap):
       return score
     return self.cap * jnp.tanh(score / self.cap)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AtPositions:
+  """A score modifier read at position ids instead of indices.
+
+  ``score_mod(score, batch, head, q_positions[batch, q_idx], kv_positions[batch, kv_idx])``:
+  a relative scheme (``ALiBi``, ``T5RelativeBias``, ``FIRE``) over ids that are not
+  ``0, 1, ...``, such as randomized positions (Ruoss et al. 2023) or coupled ones (Cho et
+  al. 2024). Ids need not increase along the sequence, so give the inner modifier its
+  two-sided form (``ALiBi(symmetric=True)``, ``T5RelativeBias(bidirectional=True)``) unless
+  they do. With a key/value cache the indices are cache slots: give the ids of every slot.
+
+  Args:
+    score_mod: the inner modifier; a pytree (the modifiers of this module are), so that
+      gradients reach its arrays.
+    q_positions: int ``[B or 1, T]``, the position id at each query index.
+    kv_positions: int ``[B or 1, S]``, the position id at each key index.
+
+  Raises:
+    ValueError: (when called) for id tables that are not 2-D, or whose batch is neither 1
+      nor the attention's.
+
+  References:
+    Ruoss et al. 2023, "Randomized Positional Encodings Boost Length Generalization of
+    Transformers". Cho et al. 2024, "Position Coupling: Improving Length Generalization of
+    Arithmetic Transformers Using Task Structure".
+  """
+
+  score_mod: ScoreMod
+  q_positions: ArrayLike
+  kv_positions: ArrayLike
+
+  def __call__(self, score: Array, batch: Array, head: Array, q_idx: Array,
+               kv_idx: Array) -> Array:
+    return self.score_mod(score, batch, head,
+                          lookup_positions(self.q_positions, batch, q_idx, "q_positions"),
+                          lookup_positions(self.kv_positions, batch, kv_idx, "kv_positions"))
+
+
+def lookup_positions(positions: ArrayLike, batch: Array, index: Array,
+                     name: str = "positions") -> Array:
+  """``positions[batch, index]``: the ids ``[B or 1, L]`` at a score modifier's (or a
+  ``masks.MaskFn``'s) broadcastable ``batch`` and query or key ``index`` arrays; indices past
+  the table (a block's padding) read its last id.
+
+  Raises:
+    ValueError: for a table that is not 2-D, or a batch of ids that is neither 1 nor the
+      attention's (named ``name`` in the message).
+  """
+  table = jnp.asarray(positions)
+  if table.ndim != 2:
+    raise ValueError(f"{name} must have shape [batch or 1, length], got {table.shape}")
+  batch = jnp.asarray(batch)
+  if table.shape[0] == 1:
+    batch = jnp.zeros_like(batch)
+  elif batch.shape[0] not in (1, table.shape[0]):
+    raise ValueError(f"{name} has a batch of {table.shape[0]}, the attention {batch.shape[0]}")
+  index = jnp.clip(jnp.asarray(index), 0, table.shape[1] - 1)
+  return table[batch, index].astype(jnp.int32)
 
 
 def materialize(

@@ -59,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
   # hard_alibi only: per head, how many of the most recent keys it sees (None: all, a
   # NoPE head); one entry per head.
   config.model.hard_alibi_windows = config_dict.placeholder(tuple)
+  # t5 only: T5's buckets grow up to this distance; longer ones share the last bucket.
+  config.model.t5_max_distance = 128
   config.model.tie_embeddings = True  # Output projection = decoder input embedding.
   # Kernel size of a causal depthwise convolution over the token embeddings (Zoology's short
   # convolution: each position also sees its predecessors); None = no convolution.

@@ -77,6 +77,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # (Each id is trained less often than with sequential ids: twice the copy steps.)
       "coupled_learned": {"model": {"position": "learned", "position_ids": "coupled"},
                           "train": {"num_steps": 6000}},
+      # Coupled ids read by a relative scheme: T5's two-sided buckets of id distances, every
+      # distance from the longest training length on in one (trained) bucket.
+      "coupled_t5": {"model": {"position": "t5", "position_ids": "coupled",
+                               "t5_max_distance": 16}},
+      # Zhou et al. 2024: FIRE over randomized ids.
+      "randomized_fire": {"model": {"position": "fire", "position_ids": "randomized"}},
   }
 
   if arg == "quick":  # Copy, two schemes, one seed: about 5 minutes.

@@ -63,6 +63,11 @@ def _model_and_batch(arch, position, name="copy", num_kv_heads=None, norm="pre",
     params = jax.tree_util.tree_map_with_path(
         lambda path, p: jax.random.normal(jax.random.key(3), p.shape)
         if "t5_relative_bias" in jax.tree_util.keystr(path) else p, params)
+  if position == "fire":  # A short threshold and a large output layer: distances matter.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, p: p * (0.02 if "threshold" in jax.tree_util.keystr(path) else 30.0)
+        if "fire_kernel_out" in jax.tree_util.keystr(path)
+        or "fire_threshold" in jax.tree_util.keystr(path) else p, params)
   return task, model, params, batch, ids
 
 
@@ -80,7 +85,12 @@ def _model_and_batch(arch, position, name="copy", num_kv_heads=None, norm="pre",
     ("encoder_decoder", "t5", None, "sequential"),
     ("decoder_only", "learned", None, "randomized"),
     ("encoder_decoder", "rotary", None, "randomized"),
-    ("decoder_only", "rotary", None, "coupled")])
+    ("decoder_only", "rotary", None, "coupled"),
+    # Relative schemes read the given ids (the decoder keeps the cached tokens' ids).
+    *[("decoder_only", position, None, ids) for position in ("alibi", "hard_alibi", "t5", "fire")
+      for ids in ("randomized", "coupled")],
+    ("encoder_decoder", "t5", None, "randomized"),
+    ("encoder_decoder", "hard_alibi", None, "randomized")])
 def test_cached_decoding_matches_recomputation(arch, position, short_conv, position_ids):
   task, model, params, batch, ids = _model_and_batch(
       arch, position, num_kv_heads=2, short_conv=short_conv, position_ids=position_ids)

@@ -227,6 +227,54 @@ def test_position_biases_match_their_papers_formulas(position):
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
 
 
+def _t5_two_sided_bucket(i, j):
+  """T5's bidirectional bucket (Mesh TensorFlow): 16 per direction, exact below 8."""
+  n = i - j
+  bucket, n = (16 if n < 0 else 0), abs(n)
+  if n < 8:
+    return bucket + n
+  return bucket + min(15, 8 + int(math.log(n / 8) / math.log(128 / 8) * 8))
+
+
+@pytest.mark.parametrize("position", ["alibi", "t5", "fire", "hard_alibi"])
+def test_position_biases_read_given_ids_in_their_two_sided_form(position):
+  # Ids that do not increase along the sequence (as coupled ids): each scheme takes the
+  # distance between ids, both ways (Ruoss et al. 2023; Cho et al. 2024).
+  windows = (1, 3, None, 6)
+  model = models.DecoderOnly(_config(num_layers=1, position=position,
+                                     hard_alibi_windows=windows))
+  tokens = _tokens(0, (2, 12))
+  ids = np.array([[5, 6, 7, 8, 9, 4, 5, 6, 7, 8, 9, 10],
+                  [30, 31, 32, 33, 29, 33, 32, 31, 30, 29, 28, 40]], np.int32)
+  params = jax.jit(model.init)(jax.random.key(1), tokens, positions=ids)["params"]
+  layer = params["decoder"]["layer_0"]
+  if position == "t5":
+    layer["t5_relative_bias"] = jax.random.normal(jax.random.key(2), (32, 4))
+  if position == "fire":
+    layer["fire_c"] = jnp.float32(0.5)
+    layer["fire_threshold_multiplier"] = jnp.float32(8 / 512)
+  p = jax.tree.map(np.asarray, layer)
+
+  def fire(i, j, n):
+    psi = lambda x: math.log(abs(0.5 * x) + 1)  # noqa: E731
+    x = psi(i - j) / (psi(max(8.0, i)) + 1e-6)
+    hidden = np.maximum(x * p["fire_kernel_in"][0] + p["fire_bias_in"], 0)
+    return hidden @ p["fire_kernel_out"][:, n] + p["fire_bias_out"][n]
+
+  bias_fn = {
+      "alibi": lambda i, j, n: -(2.0 ** (-8 * (n + 1) / 4)) * abs(i - j),
+      "t5": lambda i, j, n: p["t5_relative_bias"][_t5_two_sided_bucket(i, j), n],
+      "fire": fire,
+      "hard_alibi": lambda i, j, n: 0.0 if windows[n] is None or abs(i - j) < windows[n]
+      else -np.inf,
+  }[position]
+  got = _sown_first_layer(model, params, tokens, positions=jnp.asarray(ids))
+  for b in range(2):
+    want = _naive_first_layer_weights(
+        params, tokens[b:b + 1], lambda i, j, n, b=b: bias_fn(ids[b, i], ids[b, j], n))
+    np.testing.assert_allclose(got[b:b + 1], want, rtol=2e-4, atol=1e-6)
+
+
 def test_learned_positions_and_given_position_ids():
   model = models.DecoderOnly(_config(num_layers=1, position="learned", max_position=30))
   tokens = _tokens(0, (2, 7))
@@ -254,4 +302,8 @@ def test_position_scheme_errors():
     _config(position="hard_alibi", hard_alibi_windows=(1, 2))
   with pytest.raises(ValueError, match="position='nope' needs arch='decoder_only'"):
     models.make_model("encoder_decoder", _config(position="nope"))
+  for bad in (8, 16.0, True):
+    with pytest.raises(ValueError, match=f"t5_max_distance must be an int above the 8 exact "
+                       f"buckets.*got {bad!r}"):
+      _config(position="t5", t5_max_distance=bad)
   assert set(models.POSITION_SCHEMES) == set(models.POSITIONS)

@@ -408,3 +408,71 @@ def test_materialize_errors():
   for bad in (0, -1, 2.0):
     with pytest.raises(ValueError, match="q_len"):
       score_mods.materialize(score_mods.SoftCap(1.0), 1, 1, bad, 2)
+
+
+# AtPositions: a modifier read at position ids ---------------------------------------------
+
+
+def id_tables(B, T, S):
+  """Per-example ids that are not 0, 1, ...: sorted random ones (queries) and a permutation
+  with repeats (keys)."""
+  q = np.sort(RNG.choice(40, size=(B, T), replace=True), axis=1).astype(np.int32)
+  kv = RNG.integers(0, 40, size=(B, S)).astype(np.int32)
+  return q, kv
+
+
+@pytest.mark.parametrize("name", ADDITIVE)
+def test_at_positions_matches_loop_over_ids(name):
+  B, N, T, S = 2, 3, 4, 6
+  mod = all_mods(N)[name]
+  q_ids, kv_ids = id_tables(B, T, S)
+  at = score_mods.AtPositions(mod, q_ids, kv_ids)
+  bias = naive_bias(mod)
+  score = RNG.standard_normal((B, N, T, S)).astype(np.float32)
+  want = score.astype(np.float64).copy()
+  for b, h, t, s in np.ndindex(B, N, T, S):
+    want[b, h, t, s] += bias(h, q_ids[b, t], kv_ids[b, s])
+  for got in call_eager_and_jit(at, score, indices(B, N, range(T), range(S))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # One table for the whole batch ([1, L]) is read for every example.
+  shared = score_mods.AtPositions(mod, q_ids[:1], kv_ids[:1])
+  got = shared(score, *indices(B, N, range(T), range(S)))
+  np.testing.assert_allclose(got[1], want[0] - score[0] + score[1], rtol=1e-5, atol=1e-5)
+
+
+def test_at_positions_in_attention_matches_dense_bias_and_gradients_reach_the_inner_mod():
+  B, T, N, H = 2, 37, 2, 8
+  mod = all_mods(N)["fire"]
+  ids = np.sort(RNG.choice(200, size=(B, T), replace=False), axis=1).astype(np.int32)
+  q, k, v = (RNG.standard_normal((B, T, N, H)).astype(np.float32) for _ in range(3))
+  bias = np.zeros((B, N, T, T), np.float32)
+  naive = naive_bias(mod)
+  for b, h, t, s in np.ndindex(B, N, T, T):
+    bias[b, h, t, s] = naive(h, ids[b, t], ids[b, s])
+
+  def dense(mod):
+    return jax.nn.dot_product_attention(q, k, v, bias=jnp.asarray(bias) if mod is None else
+                                        score_mods.materialize(mod, B, N, T, T), is_causal=True)
+
+  want = dense(None)
+  for implementation in ("xla", "blockwise"):
+    def loss(mod, implementation=implementation):
+      out = attnjax.dot_product_attention(q, k, v, is_causal=True, implementation=implementation,
+                                          score_mod=score_mods.AtPositions(mod, ids, ids))
+      return out
+    np.testing.assert_allclose(jax.jit(loss)(mod), want, rtol=2e-5, atol=2e-5)
+    grads = jax.grad(lambda m: jnp.sum(loss(m) ** 2))(mod)
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert leaves and all(np.all(np.isfinite(np.asarray(leaf))) for leaf in leaves)
+    assert np.any(np.asarray(grads.kernel_out) != 0)
+
+
+def test_at_positions_errors():
+  mod = score_mods.ALiBi(score_mods.alibi_slopes(2))
+  score = np.zeros((2, 2, 3, 3), np.float32)
+  with pytest.raises(ValueError, match=r"q_positions must have shape \[batch or 1, length\]"):
+    score_mods.AtPositions(mod, np.zeros((2, 3, 1), np.int32), np.zeros((2, 3), np.int32))(
+        score, *indices(2, 2, range(3), range(3)))
+  with pytest.raises(ValueError, match="kv_positions has a batch of 3, the attention 2"):
+    score_mods.AtPositions(mod, np.zeros((2, 3), np.int32), np.zeros((3, 3), np.int32))(
+        score, *indices(2, 2, range(3), range(3)))

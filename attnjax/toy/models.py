@@ -42,8 +42,11 @@ to the last ``hard_alibi_windows[h]`` keys (None: no limit, a NoPE head) through
 object. The bias and window schemes read the attention's own indices, so they keep
 blockwise attention's linear memory and work unchanged with the cache. Position ids are
 ``0, 1, ...`` unless the caller passes its own (``positions``; see
-:func:`attnjax.toy.tasks.position_ids` for randomized and coupled ids), which only the
-schemes that read ids (``reads_position_ids``: sinusoidal, learned, rotary) use.
+:func:`attnjax.toy.tasks.position_ids` for randomized and coupled ids), which every scheme
+but ``none`` and ``nope`` reads (``reads_position_ids``): the bias and window schemes then
+take the distance between ids (:class:`attnjax.score_mods.AtPositions`; in decode mode the
+ids of the cached tokens stay in the cache) in their two-sided form, since given ids need
+not increase along the sequence.
 """
 
 from __future__ import annotations
@@ -99,6 +102,10 @@ class TransformerConfig:
       ids past it are clipped to the last).
     hard_alibi_windows: ``"hard_alibi"`` only: per head, the number of most recent keys it
       sees (itself included), or None for a head without limit; length ``num_heads``.
+    t5_max_distance: ``"t5"`` only: the distance from which T5's buckets stop growing
+      (Raffel et al. use 128); every longer distance shares the last bucket of its side.
+      Above 8 (the exact buckets of a side), and above 16 in a causal stack over
+      sequential ids.
     tie_embeddings: use the decoder's input embedding as its output projection.
     short_conv: kernel size k of a causal depthwise convolution over the token embeddings:
       each position's embedding gets ``w_j * e[t - j]`` added for ``j = 1 .. k - 1`` (learned
@@ -126,6 +133,7 @@ class TransformerConfig:
   position: Position = "sinusoidal"
   max_position: int | None = None
   hard_alibi_windows: tuple[int | None, ...] | None = None
+  t5_max_distance: int = 128
   tie_embeddings: bool = True
   short_conv: int | None = None
   kernel_init: str = "lecun_normal"
@@ -146,6 +154,11 @@ class TransformerConfig:
         or any(w is not None and (not isinstance(w, int) or w < 1) for w in windows)):
       raise ValueError(f"position='hard_alibi' needs hard_alibi_windows: one window >= 1 or "
                        f"None per head ({self.num_heads}), got {windows!r}")
+    if isinstance(self.t5_max_distance, bool) or not isinstance(self.t5_max_distance, int) \
+        or self.t5_max_distance <= T5_NUM_BUCKETS // 4:
+      raise ValueError(f"t5_max_distance must be an int above the {T5_NUM_BUCKETS // 4} exact "
+                       f"buckets of a two-sided direction (a causal stack needs above "
+                       f"{T5_NUM_BUCKETS // 2}), got {self.t5_max_distance!r}")
     if self.kernel_init not in KERNEL_INITS:
       raise ValueError(f"kernel_init must be one of {tuple(KERNEL_INITS)}, got "
                        f"{self.kernel_init!r}")
@@ -166,14 +179,20 @@ def _dense(features: int, kernel_init, axes: tuple[str, str], name: str | None =
 
 
 class PositionIds(nn.Module):
-  """Position ids ``[B|1, L]`` of a chunk of tokens: the given ones, or ``0..L-1``; in
-  decode mode ``t..t+L-1`` for the t tokens seen before, counted in ``'cache'`` under
-  ``'position'``."""
+  """Position ids of a chunk of tokens, and the table of ids the attention's indices map to.
+
+  Returns ``(positions, table)``: ``positions [B|1, L]`` are the given ids, or ``0..L-1``
+  (in decode mode ``t..t+L-1`` for the t tokens seen before, counted in ``'cache'`` under
+  ``'position'``). ``table`` is None without given ids; with them, the ids at every index
+  the self-attention sees: the given ids, or in decode mode the ids of every cache slot
+  (``'cache'`` under ``'ids'``, as long as the ids given at ``init``).
+  """
 
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens: Array, positions: Array | None = None) -> Array:
+  def __call__(self, tokens: Array, positions: Array | None = None
+               ) -> tuple[Array, Array | None]:
     length = tokens.shape[-1]
     offset: int | Array = 0
     if self.config.decode:
@@ -182,8 +201,15 @@ class PositionIds(nn.Module):
         offset = counter.value
         counter.value = counter.value + length
     if positions is None:
-      positions = jnp.arange(length)[None, :] + offset
-    return positions
+      return jnp.arange(length)[None, :] + offset, None
+    table = positions
+    if self.config.decode:
+      ids = self.variable("cache", "ids", lambda: jnp.zeros(positions.shape, jnp.int32))
+      if not self.is_initializing():
+        ids.value = jax.lax.dynamic_update_slice_in_dim(
+            ids.value, positions.astype(jnp.int32), offset, axis=-1)
+      table = ids.value
+    return positions, table
 
 
 class Embed(nn.Module):
@@ -298,7 +324,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, mask: Array | None, positions: Array | None = None,
-               encoded: Array | None = None, cross_mask: Array | None = None,
+               position_table: Array | None = None, encoded: Array | None = None,
+               cross_mask: Array | None = None,
                deterministic: bool, sow_weights: bool = False) -> Array:
     cfg = self.config
 
@@ -328,8 +355,12 @@ class Block(nn.Module):
     score_mod = None
     self_mask: Array | masks.Mask | None = mask
     if scheme.attention is not None:
-      score_mod, scheme_mask = scheme.attention(self, self.causal)
-      if scheme_mask is not None:
+      # Given ids (position_table) need not increase along the sequence: two-sided forms.
+      score_mod, visible = scheme.attention(self, self.causal and position_table is None)
+      if position_table is not None:
+        score_mod, visible = _at_positions(score_mod, visible, position_table)
+      if visible is not None:
+        scheme_mask = masks.MaskFn(visible)
         self_mask = scheme_mask if mask is None else scheme_mask & masks.as_mask(mask)
     rotary_positions = {"query_positions": positions, "key_positions": positions} if (
         scheme.rotary and positions is not None) else {}
@@ -352,14 +383,13 @@ def _alibi(block: Block, causal: bool):
 
 
 T5_NUM_BUCKETS = 32
-T5_MAX_DISTANCE = 128
 
 
 def _t5(block: Block, causal: bool):
   """T5's relative bias, a learned table ``[buckets, N]`` per layer (zeros at init)."""
   table = block.param("t5_relative_bias", nn.initializers.zeros,
                       (T5_NUM_BUCKETS, block.config.num_heads))
-  return score_mods.T5RelativeBias(table, T5_NUM_BUCKETS, T5_MAX_DISTANCE,
+  return score_mods.T5RelativeBias(table, T5_NUM_BUCKETS, block.config.t5_max_distance,
                                    bidirectional=not causal), None
 
 
@@ -386,7 +416,21 @@ def _hard_alibi(block: Block, causal: bool):
   def visible(batch, head, q_idx, kv_idx):
     distance = q_idx - kv_idx if causal else jnp.abs(q_idx - kv_idx)
     return distance < jnp.asarray(limit)[head]
-  return None, masks.MaskFn(visible)
+  return None, visible
+
+
+def _at_positions(score_mod, visible, table: Array):
+  """The scheme's score modifier and mask rule read at the position ids ``table [B|1, L]``
+  of the attention's indices instead of at the indices."""
+  if score_mod is not None:
+    score_mod = score_mods.AtPositions(score_mod, table, table)
+  if visible is not None:
+    rule = visible
+
+    def visible(batch, head, q_idx, kv_idx):
+      return rule(batch, head, score_mods.lookup_positions(table, batch, q_idx),
+                  score_mods.lookup_positions(table, batch, kv_idx))
+  return score_mod, visible
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,8 +441,11 @@ class PositionScheme:
     embedding: ``"sinusoidal"`` or ``"learned"`` absolute encodings added to the token
       embeddings, or None.
     rotary: rotate queries and keys by their position ids.
-    attention: ``fn(block, causal) -> (score_mod, mask)`` for every self-attention layer,
-      called inside the layer (so it may create parameters), or None.
+    attention: ``fn(block, causal) -> (score_mod, visible)`` for every self-attention layer,
+      called inside the layer (so it may create parameters), or None; ``visible(batch, head,
+      q_idx, kv_idx) -> bool`` is a mask rule (see :class:`attnjax.masks.MaskFn`) or None.
+      With given position ids, the layer reads both at the ids (``causal=False``: the ids
+      need not increase along the sequence).
     reads_position_ids: whether given position ids change anything (randomized and coupled
       ids apply only to such schemes).
     causal_only: needs a causal decoder-only model (without positions, a bidirectional
@@ -407,7 +454,7 @@ class PositionScheme:
 
   embedding: Literal["sinusoidal", "learned"] | None = None
   rotary: bool = False
-  attention: Callable[[Block, bool], tuple[Callable | None, masks.Mask | None]] | None = None
+  attention: Callable[[Block, bool], tuple[Callable | None, Callable | None]] | None = None
   reads_position_ids: bool = False
   causal_only: bool = False
 
@@ -418,10 +465,10 @@ POSITION_SCHEMES: dict[str, PositionScheme] = {
     "rotary": PositionScheme(rotary=True, reads_position_ids=True),
     "none": PositionScheme(),
     "nope": PositionScheme(causal_only=True),
-    "alibi": PositionScheme(attention=_alibi),
-    "hard_alibi": PositionScheme(attention=_hard_alibi),
-    "t5": PositionScheme(attention=_t5),
-    "fire": PositionScheme(attention=_fire),
+    "alibi": PositionScheme(attention=_alibi, reads_position_ids=True),
+    "hard_alibi": PositionScheme(attention=_hard_alibi, reads_position_ids=True),
+    "t5": PositionScheme(attention=_t5, reads_position_ids=True),
+    "fire": PositionScheme(attention=_fire, reads_position_ids=True),
 }
 """Every position scheme by name (the values of ``TransformerConfig.position``)."""
 assert set(POSITION_SCHEMES) == set(get_args(Position))
@@ -479,10 +526,11 @@ class EncoderDecoder(nn.Module):
              deterministic: bool = True, sow_weights: bool = False) -> Array:
     """Encoder outputs ``[B, S, D]`` for ``inputs [B, S]`` (position ids ``[B, S]``
     optional)."""
-    positions = self.encoder_positions(inputs, positions)
+    positions, table = self.encoder_positions(inputs, positions)
     x = self.encoder_embed(inputs, positions=positions, deterministic=deterministic)
     return self.encoder(x, mask=_key_padding_mask(inputs), positions=positions,
-                        deterministic=deterministic, sow_weights=sow_weights)
+                        position_table=table, deterministic=deterministic,
+                        sow_weights=sow_weights)
 
   def decode(self, encoded: Array, inputs: Array, decoder_inputs: Array, *,
              positions: Array | None = None, deterministic: bool = True,
@@ -492,9 +540,9 @@ class EncoderDecoder(nn.Module):
     ``inputs [B, S]`` (the source tokens) give the cross-attention padding mask;
     ``positions [B, T]`` are the decoder tokens' position ids (optional).
     """
-    positions = self.decoder_positions(decoder_inputs, positions)
+    positions, table = self.decoder_positions(decoder_inputs, positions)
     y = self.decoder_embed(decoder_inputs, positions=positions, deterministic=deterministic)
-    y = self.decoder(y, mask=None, positions=positions, encoded=encoded,
+    y = self.decoder(y, mask=None, positions=positions, position_table=table, encoded=encoded,
                      cross_mask=_key_padding_mask(inputs), deterministic=deterministic,
                      sow_weights=sow_weights)
     return _output_logits(self, self.decoder_embed, y)
@@ -525,10 +573,10 @@ class DecoderOnly(nn.Module):
 
   def __call__(self, decoder_inputs: Array, *, positions: Array | None = None,
                deterministic: bool = True, sow_weights: bool = False) -> Array:
-    positions = self.positions(decoder_inputs, positions)
+    positions, table = self.positions(decoder_inputs, positions)
     y = self.embed(decoder_inputs, positions=positions, deterministic=deterministic)
-    y = self.decoder(y, mask=None, positions=positions, deterministic=deterministic,
-                     sow_weights=sow_weights)
+    y = self.decoder(y, mask=None, positions=positions, position_table=table,
+                     deterministic=deterministic, sow_weights=sow_weights)
     return _output_logits(self, self.embed, y)
 
 

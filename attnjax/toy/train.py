@@ -219,6 +219,11 @@ def make_model(config: ml_collections.ConfigDict, task: tasks.Task,
     if c.max_position is None:
       raise ValueError(f"config.model.position_ids={c.position_ids!r} needs "
                        "config.model.max_position")
+    if (mesh is not None and mesh.shape["sequence"] > 1
+        and models.POSITION_SCHEMES[c.position].attention is not None):
+      raise ValueError(f"config.model.position_ids={c.position_ids!r} with "
+                       f"position={c.position!r} reads ids inside attention, which ring "
+                       f"attention over the mesh's sequence axis does not support")
     if c.position_ids == "coupled" and task.spec.source is None:
       raise ValueError(f"config.model.position_ids='coupled' needs a task with a source map; "
                        f"{task.name!r} has none")
@@ -229,6 +234,7 @@ def make_model(config: ml_collections.ConfigDict, task: tasks.Task,
       dropout_rate=c.dropout_rate, attention_dropout_rate=c.attention_dropout_rate,
       norm=c.norm, position=c.position, max_position=c.max_position,
       hard_alibi_windows=None if windows is None else tuple(windows),
+      t5_max_distance=c.t5_max_distance,
       tie_embeddings=c.tie_embeddings, short_conv=c.short_conv, kernel_init=c.kernel_init,
       implementation=c.implementation, self_attention_fn=attention_fn))
 
