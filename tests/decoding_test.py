@@ -50,7 +50,8 @@ def _model_and_batch(arch, position, name="copy", num_kv_heads=None, norm="pre",
   cfg = models.TransformerConfig(vocab_size=task.vocab_size, num_layers=2, d_model=32,
                                  num_heads=4, num_kv_heads=num_kv_heads, mlp_dim=64,
                                  position=position, norm=norm, short_conv=short_conv,
-                                 max_position=40, hard_alibi_windows=(1, 3, None, 2))
+                                 max_position=40, hard_alibi_windows=(1, 3, None, 2)
+                                 if position in ("hard_alibi", "t5") else None)
   model = models.make_model(arch, cfg)
   fmt = (tasks.encoder_decoder_example if arch == "encoder_decoder"
          else tasks.decoder_only_example)

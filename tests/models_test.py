@@ -197,7 +197,8 @@ def _sown_first_layer(model, params, tokens, **kwargs):
 def test_position_biases_match_their_papers_formulas(position):
   windows = (1, 3, None, 6)
   model = models.DecoderOnly(_config(num_layers=1, position=position,
-                                     hard_alibi_windows=windows))
+                                     hard_alibi_windows=windows if position == "hard_alibi"
+                                     else None))
   tokens = _tokens(0, (2, 40))
   params = jax.jit(model.init)(jax.random.key(1), tokens)["params"]
   layer = params["decoder"]["layer_0"]
@@ -236,13 +237,15 @@ def _t5_two_sided_bucket(i, j):
   return bucket + min(15, 8 + int(math.log(n / 8) / math.log(128 / 8) * 8))
 
 
-@pytest.mark.parametrize("position", ["alibi", "t5", "fire", "hard_alibi"])
+@pytest.mark.parametrize("position", ["alibi", "t5", "fire", "hard_alibi", "t5_windowed"])
 def test_position_biases_read_given_ids_in_their_two_sided_form(position):
   # Ids that do not increase along the sequence (as coupled ids): each scheme takes the
   # distance between ids, both ways (Ruoss et al. 2023; Cho et al. 2024).
   windows = (1, 3, None, 6)
+  windowed = position in ("hard_alibi", "t5_windowed")
+  position = position.removesuffix("_windowed")
   model = models.DecoderOnly(_config(num_layers=1, position=position,
-                                     hard_alibi_windows=windows))
+                                     hard_alibi_windows=windows if windowed else None))
   tokens = _tokens(0, (2, 12))
   ids = np.array([[5, 6, 7, 8, 9, 4, 5, 6, 7, 8, 9, 10],
                   [30, 31, 32, 33, 29, 33, 32, 31, 30, 29, 28, 40]], np.int32)
@@ -268,6 +271,9 @@ def test_position_biases_read_given_ids_in_their_two_sided_form(position):
       "hard_alibi": lambda i, j, n: 0.0 if windows[n] is None or abs(i - j) < windows[n]
       else -np.inf,
   }[position]
+  if windowed and position != "hard_alibi":  # The bias inside two-sided windows.
+    bias_fn = lambda i, j, n, inner=bias_fn: (  # noqa: E731
+        inner(i, j, n) if windows[n] is None or abs(i - j) < windows[n] else -np.inf)
   got = _sown_first_layer(model, params, tokens, positions=jnp.asarray(ids))
   for b in range(2):
     want = _naive_first_layer_weights(
@@ -300,6 +306,8 @@ def test_position_scheme_errors():
     _config(position="learned")
   with pytest.raises(ValueError, match="hard_alibi_windows: one window >= 1 or None per head"):
     _config(position="hard_alibi", hard_alibi_windows=(1, 2))
+  with pytest.raises(ValueError, match=r"hard_alibi_windows apply to positions \('alibi'"):
+    _config(position="rotary", hard_alibi_windows=(1, 2, None, 3))
   with pytest.raises(ValueError, match="position='nope' needs arch='decoder_only'"):
     models.make_model("encoder_decoder", _config(position="nope"))
   for bad in (8, 16.0, True):

@@ -136,18 +136,31 @@ def evaluate_bucket(exp: Experiment, params, *, task: tasks.Task,
   example = exp.format(batch, task=task, stream=stream, held_out=True)
   logits = models.apply_model(exp.model, {"params": params}, example)
   sums = loss_and_metrics(logits, example)[1]
-  return {"sums": sums, "exact": _greedy_exact(exp, params, task, batch, example),
-          "inputs": batch["inputs"]}
+  predictions = _greedy(exp, params, task, batch, example)
+  hits, symbols = symbol_hits(predictions, batch["targets"], task)
+  return {"sums": sums, "exact": exact_match(predictions, batch["targets"]),
+          "symbol_hits": hits.sum(), "symbols": symbols.sum(), "inputs": batch["inputs"]}
 
 
-def _greedy_exact(exp: Experiment, params, task: tasks.Task, batch: dict[str, Any],
-                  example: dict[str, Any]) -> jax.Array:
-  """bool ``[B]``: greedy decoding (with the example's position ids) is exactly right."""
+def symbol_hits(predictions: jax.Array, targets: jax.Array,
+                task: tasks.Task) -> tuple[jax.Array, jax.Array]:
+  """int32 ``[B]`` pairs: target symbols generated in place, and target symbols (neither
+  PAD nor, for tasks that end in EOS, EOS). For associative recall, each symbol is the answer
+  to one query: their ratio is the per-query accuracy of greedy decoding."""
+  symbols = targets != tasks.PAD
+  if task.has_eos:
+    symbols = symbols & (targets != tasks.EOS)
+  hits = (predictions == targets) & symbols
+  return hits.sum(axis=-1, dtype=jnp.int32), symbols.sum(axis=-1, dtype=jnp.int32)
+
+
+def _greedy(exp: Experiment, params, task: tasks.Task, batch: dict[str, Any],
+            example: dict[str, Any]) -> jax.Array:
+  """int32 ``[B, T]``: greedy decoding (with the example's position ids)."""
   prefill = task.min_input_len + 1 if exp.config.model.arch == "decoder_only" else 0
-  predictions = decoding.greedy_decode(
+  return decoding.greedy_decode(
       exp.model, params, batch, target_len=task.target_len, stop_at_eos=task.has_eos,
       prefill=prefill, position_ids=models.position_kwargs(exp.model, example))
-  return exact_match(predictions, batch["targets"])
 
 
 def evaluate_lengths(exp: Experiment, params, *, lengths: tuple[int, ...], per_length: int,
@@ -168,7 +181,7 @@ def evaluate_lengths(exp: Experiment, params, *, lengths: tuple[int, ...], per_l
   n_B = jnp.repeat(jnp.asarray(lengths, jnp.int32), per_length)
   batch = task.sample(jax.random.fold_in(exp.eval_key, stream), n_B.shape[0], lengths=n_B)
   example = exp.format(batch, task=task, stream=stream, held_out=True)
-  exact = _greedy_exact(exp, params, task, batch, example)
+  exact = exact_match(_greedy(exp, params, task, batch, example), batch["targets"])
   return exact.reshape(len(lengths), per_length).astype(jnp.float32).mean(axis=1)
 
 
@@ -192,10 +205,11 @@ CURVE_STREAM = 10_000
 
 
 def summarize_bucket(out: dict[str, Any], prefix: str = "") -> dict[str, float]:
-  """:func:`summarize` plus ``exact_match`` (greedy decoding) of an :func:`evaluate_bucket`
-  output."""
+  """:func:`summarize` plus ``exact_match`` and ``symbol_accuracy`` (greedy decoding; see
+  :func:`symbol_hits`) of an :func:`evaluate_bucket` output."""
   return {**summarize(out["sums"], prefix),
-          f"{prefix}exact_match": float(np.mean(out["exact"]))}
+          f"{prefix}exact_match": float(np.mean(out["exact"])),
+          f"{prefix}symbol_accuracy": float(out["symbol_hits"]) / max(float(out["symbols"]), 1.0)}
 
 
 def evaluate(exp: Experiment, params) -> dict[str, Any]:

@@ -100,8 +100,10 @@ class TransformerConfig:
     position: a key of :data:`POSITION_SCHEMES` (see the module docstring).
     max_position: the number of learned position embeddings (``"learned"`` only; position
       ids past it are clipped to the last).
-    hard_alibi_windows: ``"hard_alibi"`` only: per head, the number of most recent keys it
-      sees (itself included), or None for a head without limit; length ``num_heads``.
+    hard_alibi_windows: per head, the number of most recent keys it sees (itself included),
+      or None for a head without limit; length ``num_heads``. Required by ``"hard_alibi"``
+      (whose heads see no other position signal); optional with ``"alibi"``, ``"t5"`` and
+      ``"fire"``, whose biases then apply inside the windows.
     t5_max_distance: ``"t5"`` only: the distance from which T5's buckets stop growing
       (Raffel et al. use 128); every longer distance shares the last bucket of its side.
       Above 8 (the exact buckets of a side), and above 16 in a causal stack over
@@ -151,9 +153,13 @@ class TransformerConfig:
     windows = self.hard_alibi_windows
     if self.position == "hard_alibi" and (
         windows is None or len(windows) != self.num_heads
-        or any(w is not None and (not isinstance(w, int) or w < 1) for w in windows)):
+        or any(w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1)
+               for w in windows)):
       raise ValueError(f"position='hard_alibi' needs hard_alibi_windows: one window >= 1 or "
                        f"None per head ({self.num_heads}), got {windows!r}")
+    if windows is not None and self.position not in WINDOWED:
+      raise ValueError(f"hard_alibi_windows apply to positions {WINDOWED} only, got "
+                       f"position={self.position!r}")
     if isinstance(self.t5_max_distance, bool) or not isinstance(self.t5_max_distance, int) \
         or self.t5_max_distance <= T5_NUM_BUCKETS // 4:
       raise ValueError(f"t5_max_distance must be an int above the {T5_NUM_BUCKETS // 4} exact "
@@ -379,7 +385,7 @@ class Block(nn.Module):
 def _alibi(block: Block, causal: bool):
   """ALiBi's fixed slopes (symmetric in a bidirectional stack)."""
   return score_mods.ALiBi(score_mods.alibi_slopes(block.config.num_heads),
-                          symmetric=not causal), None
+                          symmetric=not causal), _windows(block, causal)
 
 
 T5_NUM_BUCKETS = 32
@@ -390,7 +396,7 @@ def _t5(block: Block, causal: bool):
   table = block.param("t5_relative_bias", nn.initializers.zeros,
                       (T5_NUM_BUCKETS, block.config.num_heads))
   return score_mods.T5RelativeBias(table, T5_NUM_BUCKETS, block.config.t5_max_distance,
-                                   bidirectional=not causal), None
+                                   bidirectional=not causal), _windows(block, causal)
 
 
 FIRE_FIELDS = ("kernel_in", "bias_in", "kernel_out", "bias_out", "c", "threshold_multiplier")
@@ -403,20 +409,27 @@ def _fire(block: Block, causal: bool):
   fields = {name: block.param(f"fire_{name}",
                               lambda rng, name=name: getattr(score_mods.init_fire(rng, N), name))
             for name in FIRE_FIELDS}
-  return score_mods.FIRE(**fields, init_threshold=init.init_threshold, eps=init.eps), None
+  return score_mods.FIRE(**fields, init_threshold=init.init_threshold,
+                         eps=init.eps), _windows(block, causal)
 
 
 def _hard_alibi(block: Block, causal: bool):
-  """A per-head window: head h sees keys at distance below ``windows[h]`` (on both sides in
-  a bidirectional stack); None means every key."""
+  """Per-head windows alone (no bias): Jelassi et al.'s hard-ALiBi."""
+  return None, _windows(block, causal)
+
+
+def _windows(block: Block, causal: bool):
+  """The rule of the per-head windows: head h sees keys at distance below ``windows[h]`` (on
+  both sides in a bidirectional stack); None means every key. None without windows."""
   windows = block.config.hard_alibi_windows
-  assert windows is not None  # Checked by TransformerConfig.
+  if windows is None:
+    return None
   limit = np.array([np.iinfo(np.int32).max if w is None else w for w in windows], np.int32)
 
   def visible(batch, head, q_idx, kv_idx):
     distance = q_idx - kv_idx if causal else jnp.abs(q_idx - kv_idx)
     return distance < jnp.asarray(limit)[head]
-  return None, visible
+  return visible
 
 
 def _at_positions(score_mod, visible, table: Array):
@@ -471,6 +484,8 @@ POSITION_SCHEMES: dict[str, PositionScheme] = {
     "fire": PositionScheme(attention=_fire, reads_position_ids=True),
 }
 """Every position scheme by name (the values of ``TransformerConfig.position``)."""
+WINDOWED = ("alibi", "hard_alibi", "t5", "fire")
+"""The schemes that take ``hard_alibi_windows``."""
 assert set(POSITION_SCHEMES) == set(get_args(Position))
 
 
