@@ -56,6 +56,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "copy": {"model": {"max_position": 160}},
       "reverse": {"model": {"max_position": 160}, "train": {"num_steps": 4000}},
       "duplicate": {"model": {"max_position": 256}, "train": {"num_steps": 4000}},
+      # Not in `tasks` by default (run it with --config.tasks=associative_recall
+      # --config.schemes=rotary): configs/associative_recall.py's task and short
+      # convolution, 2-4 pairs in training, so 1.5x, 2x and 4x hold 6, 8 and 16 pairs.
+      "associative_recall": {"task": {"num_symbols": 32, "min_length": 2, "max_length": 4,
+                                      "num_queries": 2},
+                             "model": {"short_conv": 3}, "train": {"num_steps": 1500}},
   }
   # Per scheme: run-config fields to override.
   study.scheme_overrides = {

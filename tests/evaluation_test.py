@@ -43,3 +43,14 @@ def test_length_curve_reports_each_length_of_its_own_sequences(monkeypatch, arch
   assert curve["lengths"] == list(range(1, 13))
   np.testing.assert_array_equal(curve["exact_match"], [float(n % 2 == 0) for n in range(1, 13)])
   assert curve["sequences_per_length"] == 3
+
+
+def test_symbol_hits_count_target_symbols_but_not_eos_or_padding():
+  E, P = tasks.EOS, tasks.PAD
+  s = tasks.NUM_RESERVED  # The first symbol.
+  targets = jnp.array([[s, s + 1, E, P], [s + 2, E, P, P], [s, s, s, E]])
+  predictions = jnp.array([[s, s + 2, s, s], [s + 2, s, P, P], [s, s, s, E]])
+  task = tasks.Task("copy", 10, 1, 4)
+  hits, symbols = evaluation.symbol_hits(predictions, targets, task)
+  np.testing.assert_array_equal(hits, [1, 1, 3])  # A missed EOS costs no symbol.
+  np.testing.assert_array_equal(symbols, [2, 1, 3])

@@ -31,6 +31,9 @@ def test_run_config_applies_task_then_scheme_overrides_then_seed():
   for scheme in study.schemes:
     for task in study.tasks:
       train.validate_config(lg.run_config(study, task, scheme, 1))
+  recall = lg.run_config(study, "associative_recall", "rotary", 1)
+  train.validate_config(recall)
+  assert recall.task.max_length == 4 and recall.model.short_conv == 3
 
 
 def test_smoke_study_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
@@ -48,6 +51,7 @@ def test_smoke_study_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch
     assert row["1x"]["median"] == run["buckets"]["train"]["exact_match"]
     assert row["curve"]["lengths"] == [1, 3, 6]  # every third length up to 2 * 4
     assert f"| copy | {scheme} | {row['1x']['median']:.3f}" in table
+    assert row["2x"]["symbol_accuracy"]["values"] == [run["buckets"]["2x"]["symbol_accuracy"]]
 
   def must_not_train(*args, **kwargs):
     raise AssertionError("a finished run was redone")

@@ -9,7 +9,8 @@ every run's ``results.json`` and writes, to the workdir:
 * ``results.json``: per task and scheme, each seed's exact match at every reported length
   (``1x``: the training lengths; then the buckets ``1.5x``, ``2x``, ``4x``, ...) and the
   length curve, with the median, min and max over seeds;
-* ``results.md``: the Markdown table, median [min, max] exact match per task x scheme;
+* ``results.md``: the Markdown tables, median [min, max] exact match and symbol accuracy
+  (per query, for associative recall) per task x scheme;
 * ``curve_{task}.png``: exact match against length, one line (the median over seeds) per
   scheme, the range over seeds shaded.
 
@@ -133,6 +134,9 @@ def summarize(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         bucket = "train" if column == "1x" else column
         values = [results[s]["buckets"][bucket]["exact_match"] for s in row["seeds"]]
         row[column] = {"values": values, **_median_range(values)}
+        symbols = [results[s]["buckets"][bucket].get("symbol_accuracy") for s in row["seeds"]]
+        if None not in symbols:  # (runs from before the metric existed lack it)
+          row[column]["symbol_accuracy"] = {"values": symbols, **_median_range(symbols)}
       row["wall_seconds"] = _median_range([results[s]["wall_seconds"] for s in row["seeds"]])
       curves = [results[s]["length_curve"] for s in row["seeds"] if "length_curve" in results[s]]
       if curves:
@@ -145,23 +149,27 @@ def summarize(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(summary, f, indent=2)
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(markdown_table(summary) + "\n")
+    f.write("Greedy exact match:\n\n" + markdown_table(summary) + "\n\n"
+            "Greedy symbol accuracy (associative recall: per-query accuracy):\n\n"
+            + markdown_table(summary, "symbol_accuracy") + "\n")
   for task, rows in runs.items():
     plot_curves(task, rows, study.run.task.max_length,
                 os.path.join(workdir, f"curve_{task}.png"))
   return summary
 
 
-def markdown_table(summary: dict[str, Any]) -> str:
-  """One row per task x scheme: median [min, max] greedy exact match over seeds per
-  column, the number of seeds and the median wall time of a run."""
+def markdown_table(summary: dict[str, Any], metric: str = "exact_match") -> str:
+  """One row per task x scheme: median [min, max] over seeds per column of greedy
+  ``"exact_match"`` or ``"symbol_accuracy"`` (``-`` where a run lacks it), the number of
+  seeds and the median wall time of a run."""
   columns = summary["columns"]
   lines = ["| task | scheme | " + " | ".join(columns) + " | seeds | s/run |",
            "|" + "---|" * (len(columns) + 4)]
   for task, rows in summary["runs"].items():
     for scheme, row in rows.items():
-      cells = [f"{row[c]['median']:.3f} [{row[c]['min']:.3f}, {row[c]['max']:.3f}]"
-               for c in columns]
+      stats = [row[c] if metric == "exact_match" else row[c].get(metric) for c in columns]
+      cells = ["-" if x is None else f"{x['median']:.3f} [{x['min']:.3f}, {x['max']:.3f}]"
+               for x in stats]
       lines.append(f"| {task} | {scheme} | " + " | ".join(cells)
                    + f" | {len(row['seeds'])} | {row['wall_seconds']['median']:.0f} |")
   return "\n".join(lines)
