@@ -174,6 +174,23 @@ def test_incompatible_workdir_is_an_error_and_nothing_is_written(copy_run):
   assert _mtimes(workdir) == before
 
 
+def test_workdir_from_before_an_added_field_resumes_with_its_old_value(copy_run, tmp_path):
+  workdir = str(tmp_path / "old")
+  shutil.copytree(copy_run[0], workdir)
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    old = json.load(f)
+  del old["model"]["t5_max_distance"]  # As written before the field existed.
+  with open(path, "w") as f:
+    json.dump(old, f)
+  extended = train.train_and_evaluate(_smoke(**{"train.num_steps": 12}), workdir)
+  assert extended["step"] == 12
+  with pytest.raises(train.IncompatibleWorkdirError, match="model.t5_max_distance: 128 in the "
+                     "workdir, 64 now"):
+    train.train_and_evaluate(_smoke(**{"train.num_steps": 12, "model.t5_max_distance": 64}),
+                             workdir)
+
+
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(copy_run, tmp_path):
   workdir = str(tmp_path / "nan")
   shutil.copytree(copy_run[0], workdir)

@@ -118,6 +118,10 @@ HARMLESS_CHANGES = frozenset({
     "eval.curve_max_multiplier", "eval.curve_step", "eval.curve_sequences",
     "mesh.shape", "mesh.rules"})
 
+# Fields added after workdirs were first written, with the value that a workdir without
+# them ran with: such a workdir resumes as if it had recorded that value.
+ADDED_FIELDS = {"model.t5_max_distance": 128}
+
 
 def _is_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
@@ -552,6 +556,7 @@ def _compare_configs(workdir: str, old: dict[str, Any], new: dict[str, Any],
                      resuming: bool, allow_config_change: bool) -> dict[str, Any]:
   """Raises if ``new`` may not resume the run of ``old`` (flattened configs); returns the
   changed fields as ``{field: {"old", "new", "alters_training"}}``."""
+  old = {**{k: v for k, v in ADDED_FIELDS.items() if k in new}, **old}
   changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
   identity = [k for k in changed if k.startswith(("task.", "model."))]
   if identity:
