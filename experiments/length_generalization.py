@@ -5,6 +5,11 @@ r"""Runs the length-generalization study: tasks x position schemes x seeds.
   python -m experiments.length_generalization \
       --config configs/length_generalization.py:quick --workdir runs/lengen_quick
 
+Lists are overridden with Python literals, e.g. a subset of the study::
+
+  python -m experiments.length_generalization --config configs/length_generalization.py \
+      --workdir runs/lengen --config.tasks="('copy',)" --config.schemes="('fire', 't5')"
+
 Each run is a copy_task run in ``{workdir}/{task}/{scheme}/seed_{seed}`` (rerunning resumes
 and skips finished runs); the summary goes to ``results.json``, ``results.md`` and
 ``curve_{task}.png`` in the workdir (see attnjax.toy.length_generalization).

@@ -90,6 +90,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns:
     The summary written to ``results.json`` (see :func:`summarize`).
   """
+  os.makedirs(workdir, exist_ok=True)
   for task in study.tasks:
     for scheme in study.schemes:
       for seed in study.seeds:

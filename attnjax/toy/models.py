@@ -39,7 +39,8 @@ tokens); ``alibi``, ``t5`` and ``fire`` add a bias of the distance to the self-a
 logits through a score modifier (:mod:`attnjax.score_mods`), ``t5`` and ``fire`` with
 learned parameters per layer; ``hard_alibi`` limits head h of every self-attention layer
 to the last ``hard_alibi_windows[h]`` keys (None: no limit, a NoPE head) through a mask
-object. The bias and window schemes read the attention's own indices, so they keep
+object, and the same windows may be set with ``alibi``, ``t5`` and ``fire`` (the bias then
+applies inside them). The bias and window schemes read the attention's own indices, so they keep
 blockwise attention's linear memory and work unchanged with the cache. Position ids are
 ``0, 1, ...`` unless the caller passes its own (``positions``; see
 :func:`attnjax.toy.tasks.position_ids` for randomized and coupled ids), which every scheme
