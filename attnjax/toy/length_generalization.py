@@ -179,12 +179,15 @@ def markdown_table(summary: dict[str, Any], metric: str = "exact_match") -> str:
 def plot_curves(task: str, rows: dict[str, Any], max_length: int, out_path: str) -> None:
   """Exact match against length for one task: the median over seeds per scheme, the range
   over seeds shaded, the longest training length marked."""
-  fig, ax = plt.subplots(figsize=(7, 3.8))
-  for scheme, row in rows.items():
+  fig, ax = plt.subplots(figsize=(8.5, 3.8))
+  for i, (scheme, row) in enumerate(rows.items()):
     if "curve" not in row:
       continue
     c = row["curve"]
-    line, = ax.plot(c["lengths"], c["median"], label=scheme, linewidth=1.3)
+    # tab20: distinct colours for up to 20 schemes; the coupling oracles dashed.
+    line, = ax.plot(c["lengths"], c["median"], label=scheme, linewidth=1.3,
+                    color=plt.get_cmap("tab20")(i % 20),
+                    linestyle="--" if scheme.startswith("coupled") else "-")
     ax.fill_between(c["lengths"], c["min"], c["max"], color=line.get_color(), alpha=0.2,
                     linewidth=0)
   ax.axvline(max_length, color="gray", linestyle="--", linewidth=0.8)
@@ -193,7 +196,7 @@ def plot_curves(task: str, rows: dict[str, Any], max_length: int, out_path: str)
   ax.set(xlabel="input length n", ylabel="greedy exact match", ylim=(-0.02, 1.08),
          title=f"{task}: median over seeds, range shaded")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc="upper right")
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
   fig.savefig(out_path, dpi=110)
   plt.close(fig)
