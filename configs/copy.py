@@ -56,8 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Exclusive bound of the position ids (randomized, coupled) and the size of the learned
   # table (learned); None otherwise.
   config.model.max_position = config_dict.placeholder(int)
-  # hard_alibi only: per head, how many of the most recent keys it sees (None: all, a
-  # NoPE head); one entry per head.
+  # Per head, how many of the most recent keys it sees (None: all); one entry per head.
+  # Required by hard_alibi (its heads have no other position signal: None is a NoPE head);
+  # optional with alibi, t5 and fire (their bias applies inside the windows).
   config.model.hard_alibi_windows = config_dict.placeholder(tuple)
   # t5 only: T5's buckets grow up to this distance; longer ones share the last bucket.
   config.model.t5_max_distance = 128
