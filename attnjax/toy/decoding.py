@@ -66,11 +66,13 @@ def greedy_decode(model: nn.Module, params, batch: dict[str, Array], *, target_l
                               position_ids)
 
 
-def _init_ids(ids_BL: Array, length: int) -> Array:
-  """Ids ``[B, length]`` for ``init``, which sizes the cache's table of ids (the example's
-  ids cut or padded with their last)."""
-  ids_BL = ids_BL[:, :length]
-  return jnp.pad(ids_BL, ((0, 0), (0, length - ids_BL.shape[1])), mode="edge")
+def _init_positions(position_ids, name, length):
+  """``{"positions": ids [B, length]}`` for ``init``, which sizes the cache's table of ids
+  (the ids under ``name`` cut or padded with their last), or {} without them."""
+  if name not in position_ids:
+    return {}
+  ids_BL = position_ids[name][:, :length]
+  return {"positions": jnp.pad(ids_BL, ((0, 0), (0, length - ids_BL.shape[1])), mode="edge")}
 
 
 def _step_positions(position_ids, name, t, size=1):
@@ -87,8 +89,7 @@ def _decode_encoder_decoder(model, params, batch, target_len, stop_at_eos, posit
   encoded = model.apply({"params": params}, inputs, method="encode",
                         positions=position_ids.get("input_positions"))
   tokens_BT = jnp.zeros((B, target_len), jnp.int32)
-  init_ids = {"positions": _init_ids(position_ids["decoder_positions"], target_len)
-              } if "decoder_positions" in position_ids else {}
+  init_ids = _init_positions(position_ids, "decoder_positions", target_len)
   cache = _empty_cache(lambda k: dec.init(k, encoded, inputs, tokens_BT, method="decode",
                                           **init_ids))
   first = encoder_decoder_example(batch)["decoder_inputs"][:, 0]
@@ -121,8 +122,7 @@ def _decode_decoder_only(model, params, batch, target_len, stop_at_eos, prefill,
   # The buffer holds the prompt, then whatever has been generated.
   buf_BL = jnp.where(j_L < prompt_B[:, None], jnp.pad(seq, ((0, 0), (0, 1))), PAD)
   dec = _decoding_model(model)
-  init_ids = {"positions": _init_ids(position_ids["positions"], L)
-              } if "positions" in position_ids else {}
+  init_ids = _init_positions(position_ids, "positions", L)
   cache = _empty_cache(lambda k: dec.init(k, buf_BL, **init_ids))
   if not 0 <= prefill < L:
     raise ValueError(f"prefill must be in [0, {L}), got {prefill}")

@@ -485,8 +485,8 @@ POSITION_SCHEMES: dict[str, PositionScheme] = {
     "fire": PositionScheme(attention=_fire, reads_position_ids=True),
 }
 """Every position scheme by name (the values of ``TransformerConfig.position``)."""
-WINDOWED = ("alibi", "hard_alibi", "t5", "fire")
-"""The schemes that take ``hard_alibi_windows``."""
+WINDOWED = tuple(name for name, s in POSITION_SCHEMES.items() if s.attention is not None)
+"""The schemes that take ``hard_alibi_windows`` (those that act inside the attention)."""
 assert set(POSITION_SCHEMES) == set(get_args(Position))
 
 
